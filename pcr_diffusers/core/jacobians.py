@@ -91,13 +91,15 @@ class SecantJacobian(Jacobian):
     For each step, `s_l` is the least-squares secant slope between its last two evaluations,
     `s_l = <Δf_l, Δx_{l-1}> / <Δx_{l-1}, Δx_{l-1}>`, taken over the state dims `dims` (default: all of them, one
     scalar per step; `dims=(1, 2, 3)` on a `(B, C, H, W)` state gives one scalar per sample). A step keeps its last
-    slope while its input moves by less than `sqrt(eps)` of its size, and uses `fallback` (a number, or a callable
-    `(ls, x_prev, fx) -> A` giving elementwise blocks) until it has a slope.
+    slope while its input moves by less than `sqrt(eps)` of its size, and uses `fallback` (a number, or an
+    elementwise `Jacobian` that also does the evaluation) until it has a slope.
     """
 
-    def __init__(self, dims: tuple[int, ...] | None = None, fallback: float | Callable = 1.0):
+    def __init__(self, dims: tuple[int, ...] | None = None, fallback: "float | Jacobian" = 1.0):
         self.dims = dims
-        self.fallback = fallback
+        self.fallback = fallback if isinstance(fallback, Jacobian) else ConstantJacobian(fallback)
+        if self.fallback.structure != "elementwise":
+            raise ValueError("`fallback` must be an elementwise Jacobian.")
 
     def reset(self, num_steps, x0):
         dims = range(x0.ndim) if self.dims is None else self.dims
@@ -109,8 +111,11 @@ class SecantJacobian(Jacobian):
         self._f = torch.zeros_like(self._x)
         self._seen = torch.zeros(num_steps, dtype=torch.bool, device=x0.device)
         self._slope = torch.full_like(self._x.sum(self._reduce, keepdim=True), float("nan"))
+        self.fallback.reset(num_steps, x0)
 
-    def estimate(self, ls, x_prev, fx):
+    def evaluate(self, step, ls, x_prev):
+        fx, fallback = self.fallback.evaluate(step, ls, x_prev)
+        fallback = fallback.reshape(*fallback.shape, *([1] * (fx.ndim - fallback.ndim)))  # (n, ...) like fx
         dx = x_prev - self._x[ls]
         num = (dx * (fx - self._f[ls])).sum(self._reduce, keepdim=True)
         den = (dx * dx).sum(self._reduce, keepdim=True)
@@ -120,11 +125,7 @@ class SecantJacobian(Jacobian):
         slope = torch.where(valid, num / torch.where(valid, den, 1), self._slope[ls])
         self._slope[ls] = slope
         self._x[ls], self._f[ls], self._seen[ls] = x_prev, fx, True
-        if callable(self.fallback):
-            fallback = self.fallback(ls, x_prev, fx)
-        else:
-            fallback = torch.full_like(slope, self.fallback)
-        return torch.where(slope.isnan(), fallback, slope)
+        return fx, torch.where(slope.isnan(), fallback, slope)
 
 
 class CallableJacobian(Jacobian):

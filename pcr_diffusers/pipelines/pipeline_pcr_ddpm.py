@@ -1,0 +1,78 @@
+"""PCRDDPMPipeline: `DDPMPipeline` sampled in parallel over time (Newton + parallel cyclic reduction).
+
+A diffusers community pipeline: use it as `PCRDDPMPipeline.from_pipe(ddpm_pipe)`, or with
+`DiffusionPipeline.from_pretrained(local_dir, custom_pipeline="path/to/pipeline_pcr_ddpm.py")`.
+"""
+
+import torch
+from diffusers import DDPMPipeline
+
+from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput, PCRPipelineMixin
+
+
+class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
+    """Unconditional image generation like `DDPMPipeline`, with the denoising loop solved in parallel.
+
+    For the same `generator` the images equal `DDPMPipeline`'s up to the tolerance: all noise is drawn up front in
+    the order the sequential loop draws it. The scheduler can be any supported one (DDPM, DDIM, Euler, Euler
+    ancestral, flow-matching Euler); it is used as the sequential loop would use it (input scaling, initial sigma).
+    """
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        *,
+        parallel: int = 128,
+        tolerance: float = 1e-3,
+        jacobian: str = "auto",
+        max_rounds: int | None = None,
+    ) -> PCRImagePipelineOutput | tuple:
+        r"""Generates images.
+
+        Args:
+            batch_size, generator, num_inference_steps, output_type, return_dict: as in `DDPMPipeline`.
+            parallel (`int`, defaults to 128): the window, how many consecutive steps each round evaluates in one
+                model call; 1 runs the plain sequential loop.
+            tolerance (`float`, defaults to 1e-3): a step is accepted when its residual
+                `||Phi_i(x_i) - x_{i+1}||_inf`, relative to the state's size, is within it; see
+                `pcr_diffusers.sampling.denoise_parallel`.
+            jacobian (`str`, defaults to `"auto"`): `"auto"`, `"secant"`, `"scheduler"` or `"identity"` (ParaDiGMS'
+                Picard iteration), or a `pcr_diffusers.core.Jacobian`.
+            max_rounds (`int`, *optional*): the most parallel rounds; the rest is finished sequentially (warned, and
+                recorded in `stats.sequential_steps`).
+
+        Returns:
+            `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
+        """
+        # 1. Check inputs, before any model call
+        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds)
+        self.check_generator(generator, batch_size)
+        self.check_output_type(output_type)
+
+        # 2. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order
+        scheduler = self.pcr_scheduler(num_inference_steps)
+        latents, noise = self.unconditional_latents(batch_size, generator, scheduler, self.unet.dtype)
+
+        # 3. Denoise
+        image, stats = self.pcr_denoise(
+            lambda x, t: self.unet(x, t).sample,
+            scheduler,
+            latents,
+            noise,
+            parallel=parallel,
+            tolerance=tolerance,
+            jacobian=jacobian,
+            max_rounds=max_rounds,
+        )
+
+        # 4. Post-process
+        image = self.images_from_samples(image, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, stats)
+        return PCRImagePipelineOutput(images=image, stats=stats)

@@ -1,0 +1,54 @@
+"""Diffusers schedulers that step many timesteps in one vectorised call, built from a user's scheduler."""
+
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+)
+
+from .scheduling_ddim_pcr import PCRDDIMScheduler
+from .scheduling_ddpm_pcr import PCRDDPMScheduler
+from .scheduling_euler_pcr import PCREulerAncestralDiscreteScheduler, PCREulerDiscreteScheduler
+from .scheduling_flow_match_euler_pcr import PCRFlowMatchEulerDiscreteScheduler
+from .scheduling_pcr import PCRSchedulerMixin
+
+PCR_SCHEDULERS = {
+    DDPMScheduler: PCRDDPMScheduler,
+    DDIMScheduler: PCRDDIMScheduler,
+    EulerDiscreteScheduler: PCREulerDiscreteScheduler,
+    EulerAncestralDiscreteScheduler: PCREulerAncestralDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler: PCRFlowMatchEulerDiscreteScheduler,
+}
+
+
+class PCRScheduler:
+    """Entry point: `PCRScheduler.from_scheduler(pipe.scheduler)` returns the PCR twin of a supported scheduler."""
+
+    @staticmethod
+    def from_scheduler(scheduler) -> PCRSchedulerMixin:
+        """The PCR scheduler with `scheduler`'s config; a clear error for schedulers we do not support.
+
+        Only the exact supported classes are accepted (a subclass may change `step` in ways we would not follow).
+        """
+        pcr_class = next((c for base, c in PCR_SCHEDULERS.items() if type(scheduler) in (base, c)), None)
+        if pcr_class is None:
+            supported = ", ".join(base.__name__ for base in PCR_SCHEDULERS)
+            raise ValueError(
+                f"Parallel sampling does not support {type(scheduler).__name__}. Supported schedulers: {supported}. "
+                "Convert yours in one line, e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."
+            )
+        return pcr_class.from_scheduler(scheduler)
+
+
+__all__ = [
+    "PCR_SCHEDULERS",
+    "PCRDDIMScheduler",
+    "PCRDDPMScheduler",
+    "PCREulerAncestralDiscreteScheduler",
+    "PCREulerDiscreteScheduler",
+    "PCRFlowMatchEulerDiscreteScheduler",
+    "PCRScheduler",
+    "PCRSchedulerMixin",
+]

@@ -1,0 +1,73 @@
+"""`DDIMScheduler` with batched steps for parallel sampling, `eta > 0` included."""
+
+import torch
+from diffusers import DDIMScheduler
+
+from .scheduling_ddpm_pcr import PREDICTION_TYPES, clip_or_threshold
+from .scheduling_pcr import PCRSchedulerMixin, per_step
+
+
+class PCRDDIMScheduler(PCRSchedulerMixin, DDIMScheduler):
+    """DDIM with `batch_step`; everything else is `DDIMScheduler`'s.
+
+    Deterministic for `eta = 0`; for `eta > 0` every step draws noise, as in `DDIMScheduler.step`, and the noise is
+    drawn up front by `draw_noise(..., eta=eta)`. Supports every timestep spacing, the prediction types `epsilon`,
+    `sample` and `v_prediction`, clipping, dynamic thresholding and `use_clipped_model_output`.
+    """
+
+    def _step_table(self):
+        if self.config.prediction_type not in PREDICTION_TYPES:
+            raise self._unsupported("prediction_type", self.config.prediction_type, PREDICTION_TYPES)
+        rows = []
+        for timestep in self.timesteps:
+            prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
+            alpha_prod_t = self.alphas_cumprod[timestep]
+            alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+            beta_prod_t = 1 - alpha_prod_t
+            rows.append(
+                [
+                    alpha_prod_t ** (0.5),
+                    beta_prod_t ** (0.5),
+                    alpha_prod_t_prev,
+                    alpha_prod_t_prev ** (0.5),
+                    self._get_variance(timestep, prev_timestep),
+                ]
+            )
+        names = ("sqrt_alpha_prod", "sqrt_beta_prod", "alpha_prod_prev", "sqrt_alpha_prod_prev", "variance")
+        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+
+    def noise_mask(self, eta: float = 0.0, use_clipped_model_output: bool = False):
+        return [eta > 0] * len(self.timesteps)
+
+    def batch_step(self, model_output, indices, sample, noise=None, eta=0.0, use_clipped_model_output=False):
+        """`DDIMScheduler.step` for the timesteps `timesteps[indices]` at once, with its noise given as `noise`.
+
+        Args:
+            model_output, sample: `(n, B, C, H, W)`, one row per step.
+            indices: `(n,)` positions in `timesteps`.
+            noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise(..., eta=eta)`; needed when `eta > 0`.
+            eta, use_clipped_model_output: as in `DDIMScheduler.step`.
+        """
+        self._check_ready(model_output, sample)
+        c = {name: per_step(values, indices, sample).to(sample.dtype) for name, values in self._table.items()}
+        sqrt_alpha, sqrt_beta = c["sqrt_alpha_prod"], c["sqrt_beta_prod"]
+        if self.config.prediction_type == "epsilon":
+            x0 = (sample - sqrt_beta * model_output) / sqrt_alpha
+            eps = model_output
+        elif self.config.prediction_type == "sample":
+            x0 = model_output
+            eps = (sample - sqrt_alpha * x0) / sqrt_beta
+        else:
+            x0 = sqrt_alpha * sample - sqrt_beta * model_output
+            eps = sqrt_alpha * model_output + sqrt_beta * sample
+        x0 = clip_or_threshold(self, x0)
+        std_dev_t = eta * c["variance"] ** (0.5)
+        if use_clipped_model_output:
+            eps = (sample - sqrt_alpha * x0) / sqrt_beta
+        direction = (1 - c["alpha_prod_prev"] - std_dev_t**2) ** (0.5) * eps
+        prev_sample = c["sqrt_alpha_prod_prev"] * x0 + direction
+        if eta > 0:
+            if noise is None:
+                raise ValueError("DDIM with eta > 0 draws noise: pass `noise` from `draw_noise(..., eta=eta)`.")
+            prev_sample = prev_sample + std_dev_t * noise
+        return prev_sample

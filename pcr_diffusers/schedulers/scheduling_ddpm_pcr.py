@@ -1,0 +1,85 @@
+"""`DDPMScheduler` with batched steps for parallel sampling."""
+
+import torch
+from diffusers import DDPMScheduler
+
+from .scheduling_pcr import PCRSchedulerMixin, per_step
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def clip_or_threshold(scheduler, x0: torch.Tensor) -> torch.Tensor:
+    """The base scheduler's dynamic thresholding or clipping of the predicted sample, for `(n, B, ...)` arrays."""
+    if scheduler.config.thresholding:
+        return scheduler._threshold_sample(x0.flatten(0, 1)).reshape(x0.shape)
+    if scheduler.config.clip_sample:
+        return x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
+    return x0
+
+
+class PCRDDPMScheduler(PCRSchedulerMixin, DDPMScheduler):
+    """DDPM (ancestral sampling of the reverse SDE) with `batch_step`; everything else is `DDPMScheduler`'s.
+
+    Supports every timestep spacing and custom timesteps, prediction types `epsilon`, `sample` and `v_prediction`,
+    clipping and dynamic thresholding, and the fixed variance types `fixed_small`, `fixed_small_log` and
+    `fixed_large`. Steps with `t > 0` draw noise, as in `DDPMScheduler.step`.
+    """
+
+    def _step_table(self):
+        if self.config.prediction_type not in PREDICTION_TYPES:
+            raise self._unsupported("prediction_type", self.config.prediction_type, PREDICTION_TYPES)
+        if self.config.variance_type not in VARIANCE_TYPES:
+            raise self._unsupported("variance_type", self.config.variance_type, VARIANCE_TYPES)
+        rows = []
+        for t in self.timesteps:
+            prev_t = self.previous_timestep(t)
+            alpha_prod_t = self.alphas_cumprod[t]
+            alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
+            beta_prod_t = 1 - alpha_prod_t
+            beta_prod_t_prev = 1 - alpha_prod_t_prev
+            current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+            current_beta_t = 1 - current_alpha_t
+            if t > 0:
+                variance = self._get_variance(t)
+                std = variance if self.config.variance_type == "fixed_small_log" else variance**0.5
+            else:
+                std = torch.tensor(0.0)
+            rows.append(
+                [
+                    alpha_prod_t ** (0.5),
+                    beta_prod_t ** (0.5),
+                    (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t,
+                    current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t,
+                    std,
+                ]
+            )
+        names = ("sqrt_alpha_prod", "sqrt_beta_prod", "x0_coeff", "sample_coeff", "std")
+        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+
+    def noise_mask(self):
+        return [bool(t > 0) for t in self.timesteps]
+
+    def batch_step(self, model_output, indices, sample, noise=None):
+        """`DDPMScheduler.step` for the timesteps `timesteps[indices]` at once, with its noise given as `noise`.
+
+        Args:
+            model_output, sample: `(n, B, C, H, W)`, one row per step.
+            indices: `(n,)` positions in `timesteps`.
+            noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise` (rows of steps with `t = 0` unused).
+        """
+        self._check_ready(model_output, sample)
+        c = {name: per_step(values, indices, sample).to(sample.dtype) for name, values in self._table.items()}
+        if self.config.prediction_type == "epsilon":
+            x0 = (sample - c["sqrt_beta_prod"] * model_output) / c["sqrt_alpha_prod"]
+        elif self.config.prediction_type == "sample":
+            x0 = model_output
+        else:
+            x0 = c["sqrt_alpha_prod"] * sample - c["sqrt_beta_prod"] * model_output
+        x0 = clip_or_threshold(self, x0)
+        prev_sample = c["x0_coeff"] * x0 + c["sample_coeff"] * sample
+        if bool((self._table["std"][indices.cpu()] != 0).any()):
+            if noise is None:
+                raise ValueError("These DDPM steps draw noise: pass `noise` from `draw_noise`.")
+            prev_sample = prev_sample + c["std"] * noise
+        return prev_sample

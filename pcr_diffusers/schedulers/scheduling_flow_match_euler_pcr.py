@@ -1,0 +1,46 @@
+"""`FlowMatchEulerDiscreteScheduler` with batched steps for parallel sampling."""
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+from .scheduling_pcr import PCRSchedulerMixin, per_step
+
+
+class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscreteScheduler):
+    """Flow-matching Euler (SD3, Flux) with `batch_step`; everything else is `FlowMatchEulerDiscreteScheduler`'s.
+
+    The model predicts the velocity `v`; a step is `x + (sigma_next - sigma) v`, or with `stochastic_sampling`
+    `(1 - sigma_next) (x - sigma v) + sigma_next z` with noise drawn every step. Shifted and dynamically shifted
+    schedules come from the base `set_timesteps` (pass `mu=` there as the pipeline would). Per-token timesteps are
+    not supported.
+    """
+
+    def _step_table(self):
+        sigmas = self.sigmas[:-1], self.sigmas[1:]
+        return {"sigma": sigmas[0], "sigma_next": sigmas[1], "dt": sigmas[1] - sigmas[0]}
+
+    def noise_mask(self):
+        return [bool(self.config.stochastic_sampling)] * len(self.timesteps)
+
+    def noise_dtype(self, dtype):
+        return torch.float32  # the base step draws like its sample, which it casts to float32
+
+    def batch_step(self, model_output, indices, sample, noise=None):
+        """`FlowMatchEulerDiscreteScheduler.step` for the timesteps `timesteps[indices]` at once.
+
+        Args:
+            model_output, sample: `(n, B, C, H, W)`, one row per step.
+            indices: `(n,)` positions in `timesteps`.
+            noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise`; needed with `stochastic_sampling`.
+        """
+        self._check_ready(model_output, sample)
+        sample = sample.to(torch.float32)
+        c = {name: per_step(values, indices, sample) for name, values in self._table.items()}
+        if self.config.stochastic_sampling:
+            if noise is None:
+                raise ValueError("Stochastic flow-matching steps draw noise: pass `noise` from `draw_noise`.")
+            x0 = sample - c["sigma"] * model_output
+            prev_sample = (1.0 - c["sigma_next"]) * x0 + c["sigma_next"] * noise
+        else:
+            prev_sample = sample + c["dt"] * model_output
+        return prev_sample.to(model_output.dtype)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from pcr_diffusers.schedulers import PCRScheduler
+
+SHAPE = (2, 3, 4, 4)  # (B, C, H, W)
+
+CASES = [
+    (DDPMScheduler, {}, 1000, {}),
+    (DDPMScheduler, {"timestep_spacing": "trailing"}, 37, {}),
+    (DDPMScheduler, {"timestep_spacing": "linspace", "prediction_type": "v_prediction"}, 20, {}),
+    (DDPMScheduler, {"prediction_type": "sample", "clip_sample": False}, 20, {}),
+    (DDPMScheduler, {"thresholding": True, "sample_max_value": 1.5}, 20, {}),
+    (DDPMScheduler, {"variance_type": "fixed_small_log"}, 20, {}),
+    (DDPMScheduler, {"variance_type": "fixed_large", "beta_schedule": "squaredcos_cap_v2"}, 20, {}),
+    (DDIMScheduler, {}, 50, {}),
+    (DDIMScheduler, {}, 51, {"eta": 0.5}),
+    (DDIMScheduler, {"timestep_spacing": "trailing", "prediction_type": "v_prediction"}, 25, {"eta": 1.0}),
+    (DDIMScheduler, {"timestep_spacing": "linspace", "set_alpha_to_one": False}, 25, {}),
+    (DDIMScheduler, {"prediction_type": "sample"}, 25, {"eta": 0.3, "use_clipped_model_output": True}),
+    (DDIMScheduler, {"thresholding": True, "clip_sample": False}, 25, {}),
+    (EulerDiscreteScheduler, {}, 30, {}),
+    (EulerDiscreteScheduler, {"prediction_type": "v_prediction", "use_karras_sigmas": True}, 31, {}),
+    (EulerDiscreteScheduler, {"timestep_spacing": "trailing", "prediction_type": "sample"}, 30, {}),
+    (EulerAncestralDiscreteScheduler, {}, 30, {}),
+    (EulerAncestralDiscreteScheduler, {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}, 29, {}),
+    (FlowMatchEulerDiscreteScheduler, {}, 28, {}),
+    (FlowMatchEulerDiscreteScheduler, {"shift": 3.0}, 27, {}),
+    (FlowMatchEulerDiscreteScheduler, {"stochastic_sampling": True}, 20, {}),
+]
+
+
+def case_id(case):
+    cls, config, steps, kwargs = case
+    return f"{cls.__name__}-{steps}-{'-'.join(f'{k}={v}' for k, v in {**config, **kwargs}.items())}"
+
+
+def sequential_steps(scheduler, model_outputs, samples, generator, **kwargs):
+    """The base scheduler's own `step`, one timestep at a time, as a sampling loop calls it."""
+    outs = []
+    for i, t in enumerate(scheduler.timesteps):
+        if hasattr(scheduler, "scale_model_input"):  # Euler schedulers warn unless it was called
+            scheduler.scale_model_input(samples[i], t)
+        outs.append(scheduler.step(model_outputs[i], t, samples[i], generator=generator, **kwargs).prev_sample)
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_batch_step_equals_the_base_step(case):
+    cls, config, steps, kwargs = case
+    base = cls(**config)
+    base.set_timesteps(steps)
+    pcr = PCRScheduler.from_scheduler(base)
+    pcr.set_timesteps(steps)
+    torch.testing.assert_close(pcr.timesteps, base.timesteps, rtol=0, atol=0)
+
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(steps, *SHAPE, generator=gen) * 1.5
+    model_outputs = torch.randn(steps, *SHAPE, generator=gen)
+    ref = sequential_steps(base, model_outputs, samples, torch.Generator().manual_seed(1), **kwargs)
+    noise = pcr.draw_noise(SHAPE, generator=torch.Generator().manual_seed(1), **kwargs)
+    out = pcr.batch_step(model_outputs, torch.arange(steps), samples, noise, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+
+    # Any subset of steps, in any order, gives the same rows.
+    subset = torch.tensor([steps - 1, 0, steps // 2])
+    part = pcr.batch_step(model_outputs[subset], subset, samples[subset], None if noise is None else noise[subset], **kwargs)
+    torch.testing.assert_close(part, ref[subset], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)][:2])
+def test_batch_scale_model_input(case):
+    cls, config, steps, _ = case
+    base = cls(**config)
+    base.set_timesteps(steps)
+    pcr = PCRScheduler.from_scheduler(base)
+    pcr.set_timesteps(steps)
+    samples = torch.randn(steps, *SHAPE)
+    ref = []
+    for i, t in enumerate(base.timesteps):  # the base scheduler only learns its step index by stepping
+        ref.append(base.scale_model_input(samples[i], t))
+        base.step(samples[i], t, samples[i])
+    ref = torch.stack(ref)
+    torch.testing.assert_close(pcr.batch_scale_model_input(samples, torch.arange(steps)), ref)
+
+
+def test_noise_is_drawn_per_image_from_a_list_of_generators():
+    base = DDIMScheduler()
+    pcr = PCRScheduler.from_scheduler(base)
+    pcr.set_timesteps(10)
+    noise = pcr.draw_noise(SHAPE, generator=[torch.Generator().manual_seed(s) for s in (3, 4)], eta=1.0)
+    alone = pcr.draw_noise((1, *SHAPE[1:]), generator=torch.Generator().manual_seed(4), eta=1.0)
+    torch.testing.assert_close(noise[:, 1:], alone)
+    assert pcr.draw_noise(SHAPE, generator=torch.Generator().manual_seed(4), eta=0.0) is None
+
+
+def test_unsupported_schedulers_and_options_are_refused():
+    with pytest.raises(ValueError, match=r"DDIMScheduler.from_config\(pipe.scheduler.config\)"):
+        PCRScheduler.from_scheduler(PNDMScheduler())
+    pcr = PCRScheduler.from_scheduler(DDPMScheduler(variance_type="learned_range"))
+    with pytest.raises(ValueError, match="variance_type"):
+        pcr.set_timesteps(10)
+    pcr = PCRScheduler.from_scheduler(DDPMScheduler())
+    with pytest.raises(RuntimeError, match="set_timesteps"):
+        pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE))
+    pcr.set_timesteps(10)
+    with pytest.raises(ValueError, match="noise"):
+        pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE))
+    with pytest.raises(ValueError, match="model_output"):
+        pcr.batch_step(torch.zeros(1, 1, 3, 4, 4), torch.tensor([0]), torch.zeros(1, *SHAPE))
