@@ -116,3 +116,27 @@ def test_unsupported_schedulers_and_options_are_refused():
         pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE))
     with pytest.raises(ValueError, match="model_output"):
         pcr.batch_step(torch.zeros(1, 1, 3, 4, 4), torch.tensor([0]), torch.zeros(1, *SHAPE))
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_x0_conversions_invert_each_other_and_match_the_base_prediction(case):
+    cls, config, steps, kwargs = case
+    pcr = PCRScheduler.from_scheduler(cls(**config))
+    pcr.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(steps, *SHAPE, generator=gen, dtype=torch.float64)
+    model_outputs = torch.randn(steps, *SHAPE, generator=gen, dtype=torch.float64)
+    indices = torch.arange(steps)
+    x0 = pcr.batch_predict_x0(model_outputs, indices, samples)
+    torch.testing.assert_close(pcr.batch_model_output_from_x0(x0, indices, samples), model_outputs)
+
+    base = cls(**config)
+    base.set_timesteps(steps)
+    clips = getattr(base.config, "clip_sample", False) or getattr(base.config, "thresholding", False)
+    if clips or cls is FlowMatchEulerDiscreteScheduler:  # clipped, or the base step does not return x0
+        return
+    for i, t in enumerate(base.timesteps):
+        if hasattr(base, "scale_model_input"):
+            base.scale_model_input(samples[i].float(), t)
+        out = base.step(model_outputs[i].float(), t, samples[i].float(), generator=torch.Generator(), **kwargs)
+        torch.testing.assert_close(x0[i].float(), out.pred_original_sample, rtol=1e-5, atol=1e-5)

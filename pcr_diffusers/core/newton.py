@@ -60,6 +60,7 @@ def newton_solve(
     max_iters: int | None = None,
     init: torch.Tensor | None = None,
     window: int | None = None,
+    extend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: Callable | None = None,
 ) -> SolveResult:
     r"""Solves the chain `x_l = f_l(x_{l-1})`, l = 1..L, for all states at once by Newton's method.
@@ -69,12 +70,15 @@ def newton_solve(
     with `pcr_solve`, and updates `x_l += d_l`. With exact Jacobians this is Newton's method and converges
     quadratically; `J = I` is Picard iteration and `J = 0` the plain fixed-point sweep.
 
-    Convergence is tested on the residual, which is the same quantity for every Jacobian: a step is accepted when
-    it and every step before it has `||r_l||_inf <= tol_l` (largest absolute entry over the state) at the evaluated
-    iterate, and the window slides past accepted steps. The returned states are that iterate plus its Newton
-    update. The first step of the window has a fixed input, so it is set to `F_l` and accepted: after k
-    iterations the first k states are exact, and `max_iters=num_steps` (the default) always reproduces the
-    sequential chain.
+    Convergence: a step is accepted when it and every step before it have both their residual and their Newton
+    update within tolerance, `max(||r_l||_inf, ||d_l||_inf) <= tol_l` (largest absolute entry over the state), and
+    the window slides past accepted steps; the returned states are the evaluated iterate plus its update. The
+    residual bounds the backward error (the state is an exact step from its predecessor up to `tol`); the update
+    estimates the forward error of the iterate. Testing the update alone under-reports the error of a poor
+    Jacobian, and the residual alone that of a good one (its updates move far); together they make one `tol`
+    give a comparable accuracy for every Jacobian. The first step of the window has a fixed input, so it is set
+    to `F_l` and accepted: after k iterations the first k states are exact, and `max_iters=num_steps` (the
+    default) always reproduces the sequential chain.
 
     Args:
         step: `step(ls, x_prev)` evaluates `f_l` for many steps at once: `ls` a LongTensor of 0-based step indices
@@ -91,9 +95,11 @@ def newton_solve(
         tol: the residual tolerance, a number or a tensor of `num_steps` per-step numbers; default `sqrt(eps)` of
             the state's dtype.
         max_iters: the most iterations; default `num_steps`.
-        init: the initial guess for all states, `(num_steps, *state)`; default `x0` everywhere, and states that
-            enter a sliding window start from the last state of the window before.
+        init: the initial guess for all states, `(num_steps, *state)`; default `x0` everywhere.
         window: how many steps each iteration evaluates (a sliding window, as in ParaDiGMS); default all.
+        extend: `extend(ls, x_last) -> (len(ls), *state)`, the guess for steps `ls` as they enter the window, given
+            the last state before them (a cheap predictor, such as a diffusion sampler's rollout with the model
+            output held fixed). Default: the `init` values, or without `init` the last state repeated (ParaDiGMS).
         callback: called after every iteration as `callback(num_iters=..., num_accepted=..., residual=...)`.
 
     Returns:
@@ -141,11 +147,15 @@ def newton_solve(
                 break
             states[start:end] += update
             states[start] = fx[0]  # its input is final, so this step is exact
-            ok = step_residuals <= tols[start:end]
+            step_updates = update.reshape(end - start, -1).abs().amax(1)
+            ok = torch.maximum(step_residuals, step_updates) <= tols[start:end]
             ok[0] = True
             new_start = start + int(ok.cumprod(0).sum())
-            if init is None:
-                states[end : min(new_start + window, num_steps)] = states[end - 1]
+            new_end = min(new_start + window, num_steps)
+            if new_end > end and extend is not None:
+                states[end:new_end] = extend(torch.arange(end, new_end, device=x0.device), states[end - 1])
+            elif new_end > end and init is None:
+                states[end:new_end] = states[end - 1]
             start = new_start
             if callback is not None:
                 callback(num_iters=num_iters, num_accepted=start, residual=residuals[-1])

@@ -8,6 +8,7 @@ import torch
 from diffusers import DDIMPipeline
 
 from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput, PCRPipelineMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
 
 
 class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
@@ -28,8 +29,8 @@ class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         *,
-        parallel: int = 128,
-        tolerance: float = 1e-3,
+        parallel: int = DEFAULT_PARALLEL,
+        tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
     ) -> PCRImagePipelineOutput | tuple:

@@ -3,11 +3,11 @@
 import torch
 from diffusers import DDIMScheduler
 
-from .scheduling_ddpm_pcr import PREDICTION_TYPES, clip_or_threshold
-from .scheduling_pcr import PCRSchedulerMixin, per_step
+from .scheduling_ddpm_pcr import PREDICTION_TYPES, VPConversionsMixin, clip_or_threshold
+from .scheduling_pcr import PCRSchedulerMixin
 
 
-class PCRDDIMScheduler(PCRSchedulerMixin, DDIMScheduler):
+class PCRDDIMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDIMScheduler):
     """DDIM with `batch_step`; everything else is `DDIMScheduler`'s.
 
     Deterministic for `eta = 0`; for `eta > 0` every step draws noise, as in `DDIMScheduler.step`, and the noise is
@@ -49,7 +49,7 @@ class PCRDDIMScheduler(PCRSchedulerMixin, DDIMScheduler):
             eta, use_clipped_model_output: as in `DDIMScheduler.step`.
         """
         self._check_ready(model_output, sample)
-        c = {name: per_step(values, indices, sample).to(sample.dtype) for name, values in self._table.items()}
+        c = self._coefficients(indices, sample)
         sqrt_alpha, sqrt_beta = c["sqrt_alpha_prod"], c["sqrt_beta_prod"]
         if self.config.prediction_type == "epsilon":
             x0 = (sample - sqrt_beta * model_output) / sqrt_alpha

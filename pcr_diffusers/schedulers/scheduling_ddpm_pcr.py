@@ -3,10 +3,40 @@
 import torch
 from diffusers import DDPMScheduler
 
-from .scheduling_pcr import PCRSchedulerMixin, per_step
+from .scheduling_pcr import PCRSchedulerMixin
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def vp_predicted_x0(prediction_type: str, model_output, sample, sqrt_alpha_prod, sqrt_beta_prod):
+    """`x0` from the model output for `sample = sqrt(alpha_prod) x0 + sqrt(1 - alpha_prod) eps`."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_beta_prod * model_output) / sqrt_alpha_prod
+    if prediction_type == "sample":
+        return model_output
+    return sqrt_alpha_prod * sample - sqrt_beta_prod * model_output
+
+
+def vp_model_output(prediction_type: str, x0, sample, sqrt_alpha_prod, sqrt_beta_prod):
+    """The inverse of `vp_predicted_x0`."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_alpha_prod * x0) / sqrt_beta_prod
+    if prediction_type == "sample":
+        return x0
+    return (sqrt_alpha_prod * sample - x0) / sqrt_beta_prod
+
+
+class VPConversionsMixin:
+    """`x0` conversions for variance-preserving schedulers whose table holds `sqrt_alpha_prod`, `sqrt_beta_prod`."""
+
+    def _to_x0(self, model_output, sample, c):
+        return vp_predicted_x0(
+            self.config.prediction_type, model_output, sample, c["sqrt_alpha_prod"], c["sqrt_beta_prod"]
+        )
+
+    def _from_x0(self, x0, sample, c):
+        return vp_model_output(self.config.prediction_type, x0, sample, c["sqrt_alpha_prod"], c["sqrt_beta_prod"])
 
 
 def clip_or_threshold(scheduler, x0: torch.Tensor) -> torch.Tensor:
@@ -18,7 +48,7 @@ def clip_or_threshold(scheduler, x0: torch.Tensor) -> torch.Tensor:
     return x0
 
 
-class PCRDDPMScheduler(PCRSchedulerMixin, DDPMScheduler):
+class PCRDDPMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDPMScheduler):
     """DDPM (ancestral sampling of the reverse SDE) with `batch_step`; everything else is `DDPMScheduler`'s.
 
     Supports every timestep spacing and custom timesteps, prediction types `epsilon`, `sample` and `v_prediction`,
@@ -69,14 +99,8 @@ class PCRDDPMScheduler(PCRSchedulerMixin, DDPMScheduler):
             noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise` (rows of steps with `t = 0` unused).
         """
         self._check_ready(model_output, sample)
-        c = {name: per_step(values, indices, sample).to(sample.dtype) for name, values in self._table.items()}
-        if self.config.prediction_type == "epsilon":
-            x0 = (sample - c["sqrt_beta_prod"] * model_output) / c["sqrt_alpha_prod"]
-        elif self.config.prediction_type == "sample":
-            x0 = model_output
-        else:
-            x0 = c["sqrt_alpha_prod"] * sample - c["sqrt_beta_prod"] * model_output
-        x0 = clip_or_threshold(self, x0)
+        c = self._coefficients(indices, sample)
+        x0 = clip_or_threshold(self, self._to_x0(model_output, sample, c))
         prev_sample = c["x0_coeff"] * x0 + c["sample_coeff"] * sample
         if bool((self._table["std"][indices.cpu()] != 0).any()):
             if noise is None:

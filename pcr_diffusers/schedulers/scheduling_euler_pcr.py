@@ -15,12 +15,19 @@ class _SigmaMixin(PCRSchedulerMixin):
     def state_scale(self, indices):
         return (self.sigmas[indices.cpu() + 1].double() ** 2 + 1) ** 0.5
 
-    def _predicted_original(self, model_output, sample, sigma, c):
+    def _to_x0(self, model_output, sample, c):
         if self.config.prediction_type == "epsilon":
-            return sample - sigma * model_output
+            return sample - c["sigma"] * model_output
         if self.config.prediction_type == "v_prediction":
             return model_output * c["v_out"] + (sample / c["v_in"])
         return model_output
+
+    def _from_x0(self, x0, sample, c):
+        if self.config.prediction_type == "epsilon":
+            return (sample - x0) / c["sigma"]
+        if self.config.prediction_type == "v_prediction":
+            return (x0 - sample / c["v_in"]) / c["v_out"]
+        return x0
 
 
 class PCREulerDiscreteScheduler(_SigmaMixin, EulerDiscreteScheduler):
@@ -61,8 +68,8 @@ class PCREulerDiscreteScheduler(_SigmaMixin, EulerDiscreteScheduler):
         """
         self._check_ready(model_output, sample)
         sample = sample.to(torch.float32)
-        c = {name: per_step(values, indices, sample) for name, values in self._table.items()}
-        x0 = self._predicted_original(model_output, sample, c["sigma"], c)
+        c = self._coefficients(indices, sample)
+        x0 = self._to_x0(model_output, sample, c)
         derivative = (sample - x0) / c["sigma"]
         return (sample + derivative * c["dt"]).to(model_output.dtype)
 
@@ -111,8 +118,8 @@ class PCREulerAncestralDiscreteScheduler(_SigmaMixin, EulerAncestralDiscreteSche
         if noise is None:
             raise ValueError("Euler ancestral steps draw noise: pass `noise` from `draw_noise`.")
         sample = sample.to(torch.float32)
-        c = {name: per_step(values, indices, sample) for name, values in self._table.items()}
-        x0 = self._predicted_original(model_output, sample, c["sigma"], c)
+        c = self._coefficients(indices, sample)
+        x0 = self._to_x0(model_output, sample, c)
         derivative = (sample - x0) / c["sigma"]
         prev_sample = sample + derivative * c["dt"]
         prev_sample = prev_sample + noise * c["sigma_up"]

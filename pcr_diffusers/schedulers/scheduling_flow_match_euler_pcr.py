@@ -3,7 +3,7 @@
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from .scheduling_pcr import PCRSchedulerMixin, per_step
+from .scheduling_pcr import PCRSchedulerMixin
 
 
 class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscreteScheduler):
@@ -18,6 +18,12 @@ class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscre
     def _step_table(self):
         sigmas = self.sigmas[:-1], self.sigmas[1:]
         return {"sigma": sigmas[0], "sigma_next": sigmas[1], "dt": sigmas[1] - sigmas[0]}
+
+    def _to_x0(self, model_output, sample, c):
+        return sample - c["sigma"] * model_output
+
+    def _from_x0(self, x0, sample, c):
+        return (sample - x0) / c["sigma"]
 
     def noise_mask(self):
         return [bool(self.config.stochastic_sampling)] * len(self.timesteps)
@@ -35,11 +41,11 @@ class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscre
         """
         self._check_ready(model_output, sample)
         sample = sample.to(torch.float32)
-        c = {name: per_step(values, indices, sample) for name, values in self._table.items()}
+        c = self._coefficients(indices, sample)
         if self.config.stochastic_sampling:
             if noise is None:
                 raise ValueError("Stochastic flow-matching steps draw noise: pass `noise` from `draw_noise`.")
-            x0 = sample - c["sigma"] * model_output
+            x0 = self._to_x0(model_output, sample, c)
             prev_sample = (1.0 - c["sigma_next"]) * x0 + c["sigma_next"] * noise
         else:
             prev_sample = sample + c["dt"] * model_output

@@ -7,7 +7,9 @@ the base scheduler's own. It adds:
   `timesteps`, all at once, with the step's random draw passed in as standard-normal `noise` instead of drawn;
 - `draw_noise(shape, generator, ...)`: every draw the sequential loop makes after the initial latents, in the same
   order and from the same generator, so the parallel result equals the sequential one for the same seed;
-- `batch_scale_model_input(sample, indices)` and `state_scale(indices)`.
+- `batch_scale_model_input(sample, indices)` and `state_scale(indices)`;
+- `batch_predict_x0` and `batch_model_output_from_x0`: the conversions between the model's output and its
+  denoised prediction, which the solver's Jacobians and predictors use.
 
 Arrays are `(n, *shape)`: the n timesteps first, then the pipeline's latents shape `(B, C, H, W)`. Per-step
 coefficients are computed once per `set_timesteps`, step by step with the base scheduler's own scalar arithmetic,
@@ -81,6 +83,17 @@ class PCRSchedulerMixin:
 
     def batch_step(self, model_output, indices, sample, noise=None, **step_kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+    def _coefficients(self, indices: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: per_step(values, indices, like).to(like.dtype) for name, values in self._table.items()}
+
+    def batch_predict_x0(self, model_output, indices, sample) -> torch.Tensor:
+        """The denoised prediction `x0` the model output stands for at `sample` (before any clipping)."""
+        return self._to_x0(model_output, sample, self._coefficients(indices, sample))
+
+    def batch_model_output_from_x0(self, x0, indices, sample) -> torch.Tensor:
+        """The model output that would predict `x0` at `sample`: the inverse of `batch_predict_x0`."""
+        return self._from_x0(x0, sample, self._coefficients(indices, sample))
 
     @classmethod
     def from_scheduler(cls, scheduler):
