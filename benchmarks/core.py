@@ -1,6 +1,6 @@
 """Wall-clock of `sequential_solve` against `pcr_solve`, measured side by side in one run.
 
-    python benchmarks/core.py [--device cuda] [--dtype float32]
+python benchmarks/core.py [--device cuda] [--dtype float32]
 """
 
 import argparse
@@ -35,8 +35,9 @@ def main():
             A = torch.rand(L, *a_shape, device=args.device, dtype=dtype) / (a_shape[-1] if structure == "dense" else 1)
             b = torch.randn(L, *state, device=args.device, dtype=dtype)
             x0 = torch.randn(state, device=args.device, dtype=dtype)
-            t_seq = seconds(lambda: sequential_solve(A, b, x0, structure=structure), args.repeats, args.device)
-            t_pcr = seconds(lambda: pcr_solve(A, b, x0, structure=structure), args.repeats, args.device)
+            inputs = (A, b, x0)
+            t_seq = seconds(lambda i=inputs, s=structure: sequential_solve(*i, structure=s), args.repeats, args.device)
+            t_pcr = seconds(lambda i=inputs, s=structure: pcr_solve(*i, structure=s), args.repeats, args.device)
             row.append(f"{t_seq / t_pcr:.1f}x")
         rows.append(row)
     print_table(["structure", *[f"L={L}" for L in LENGTHS]], rows)

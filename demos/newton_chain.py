@@ -1,6 +1,6 @@
 """Newton + PCR on two chains of random layers: residual per iteration for each Jacobian approximation.
 
-    python demos/newton_chain.py --out newton_chain.png
+python demos/newton_chain.py --out newton_chain.png
 """
 
 import argparse
@@ -33,7 +33,9 @@ def main():
     parser.add_argument("--out", default="newton_chain.png")
     args = parser.parse_args()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, (title, gain, residual) in zip(axes, [("tanh MLP, gain 0.5", 0.5, False), ("residual MLP", 1.0, True)]):
+    for ax, (title, gain, residual) in zip(
+        axes, [("tanh MLP, gain 0.5", 0.5, False), ("residual MLP", 1.0, True)], strict=True
+    ):
         step, x0 = chain(args.steps, args.dim, gain, residual)
         for jacobian in ["exact", "diagonal", "secant", "identity", "zero"]:
             out = newton_solve(step, x0, args.steps, jacobian=jacobian, tol=1e-12, max_iters=60)

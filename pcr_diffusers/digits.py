@@ -43,7 +43,9 @@ def load_digits_data() -> torch.Tensor:
     try:
         from sklearn.datasets import load_digits
     except ImportError as error:
-        raise ImportError("Training and checking the digits model needs scikit-learn: pip install scikit-learn") from error
+        raise ImportError("Training and checking the digits model needs scikit-learn: pip install scikit-learn") from (
+            error
+        )
     data = load_digits()
     images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 8 - 1
     return images, torch.tensor(data.target)
@@ -98,7 +100,7 @@ def train_digits(
         schedule.step()
         with torch.no_grad():
             decay = min(ema_decay, (1 + i) / (10 + i))
-            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+            for p_ema, p in zip(ema.parameters(), unet.parameters(), strict=True):
                 p_ema.lerp_(p, 1 - decay)
         if i % 50 == 0:
             progress.set_postfix(loss=f"{loss.item():.4f}")

@@ -78,7 +78,9 @@ def test_max_iters_equal_to_num_steps_is_exact(jacobian, dtype):
     # A tolerance of zero would be refused; the tiniest positive one accepts only exact steps.
     out = newton_solve(step, x0, L, jacobian=jacobian, tol=1e-300, max_iters=L)
     assert out.converged and out.num_iters <= L
-    torch.testing.assert_close(out.states, sequential(step, x0, L), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14)
+    torch.testing.assert_close(
+        out.states, sequential(step, x0, L), rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-14
+    )
 
 
 def test_first_k_states_are_exact_after_k_iterations():

@@ -86,7 +86,7 @@ def test_gradients_match_the_loop(kind, reverse, L):
         (solve(*inputs, **kwargs) * weights).sum().backward()
         return [t.grad for t in inputs]
 
-    for fast, ref in zip(grads(pcr_solve), grads(sequential_solve)):
+    for fast, ref in zip(grads(pcr_solve), grads(sequential_solve), strict=True):
         torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9)
 
 

@@ -126,7 +126,9 @@ def test_max_rounds_finishes_sequentially_and_warns(tiny_unet, caplog):
 def test_custom_pipeline_loading(tiny_unet, tmp_path):
     DDPMPipeline(tiny_unet, DDPMScheduler()).save_pretrained(tmp_path)
     for name, cls in [("pipeline_pcr_ddpm.py", "PCRDDPMPipeline"), ("pipeline_pcr_ddim.py", "PCRDDIMPipeline")]:
-        pipe = DiffusionPipeline.from_pretrained(tmp_path, custom_pipeline=str(PIPELINE_DIR / name), trust_remote_code=True)
+        pipe = DiffusionPipeline.from_pretrained(
+            tmp_path, custom_pipeline=str(PIPELINE_DIR / name), trust_remote_code=True
+        )
         pipe.set_progress_bar_config(disable=True)
         assert type(pipe).__name__ == cls
         out = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=5, output_type="np")

@@ -72,11 +72,15 @@ def test_batch_step_equals_the_base_step(case):
 
     # Any subset of steps, in any order, gives the same rows.
     subset = torch.tensor([steps - 1, 0, steps // 2])
-    part = pcr.batch_step(model_outputs[subset], subset, samples[subset], None if noise is None else noise[subset], **kwargs)
+    part = pcr.batch_step(
+        model_outputs[subset], subset, samples[subset], None if noise is None else noise[subset], **kwargs
+    )
     torch.testing.assert_close(part, ref[subset], rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)][:2])
+@pytest.mark.parametrize(
+    "case", [c for c in CASES if c[0] in (EulerDiscreteScheduler, EulerAncestralDiscreteScheduler)][:2]
+)
 def test_batch_scale_model_input(case):
     cls, config, steps, _ = case
     base = cls(**config)

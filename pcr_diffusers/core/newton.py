@@ -118,7 +118,9 @@ def newton_solve(
     tols = _per_step_tolerance(tol, num_steps, x0)
     if init is not None:
         if not isinstance(init, torch.Tensor) or init.shape != (num_steps, *x0.shape):
-            raise ValueError(f"`init` must be a tensor of shape {(num_steps, *x0.shape)}, got {getattr(init, 'shape', init)}.")
+            raise ValueError(
+                f"`init` must be a tensor of shape {(num_steps, *x0.shape)}, got {getattr(init, 'shape', init)}."
+            )
         if init.dtype != x0.dtype:
             raise TypeError(f"`init` must have x0's dtype {x0.dtype}, got {init.dtype}.")
     jac = make_jacobian(jacobian)

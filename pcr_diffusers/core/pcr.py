@@ -31,21 +31,21 @@ def _check_inputs(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, structure:
         raise ValueError(f"`A` must have L = {L} steps on its first axis, got shape {tuple(A.shape)}.")
     if structure == "elementwise":
         padded = tuple(A.shape) + (1,) * (b.ndim - A.ndim)
-        if A.ndim > b.ndim or any(a not in (1, s) for a, s in zip(padded[1:], state)):
+        if A.ndim > b.ndim or any(a not in (1, s) for a, s in zip(padded[1:], state, strict=True)):
             raise ValueError(
                 f"With structure='elementwise', `A` must have shape (L,), (L, 1, ..., 1) or a shape that broadcasts "
                 f"to b's {tuple(b.shape)}, got {tuple(A.shape)}."
             )
     else:
         if len(state) < 1:
-            raise ValueError("With structure='dense', the state must have at least one axis (its last axis is acted on).")
+            raise ValueError("With structure='dense', the state needs at least one axis (its last axis is acted on).")
         d = state[-1]
         batch = tuple(A.shape[1:-2])
         if (
             A.ndim < 3
             or tuple(A.shape[-2:]) != (d, d)
             or len(batch) > len(state) - 1
-            or any(a not in (1, s) for a, s in zip(batch[::-1], state[-2::-1]))
+            or any(a not in (1, s) for a, s in zip(batch[::-1], state[-2::-1], strict=False))
         ):
             raise ValueError(
                 f"With structure='dense', `A` must have shape (L, *batch, d, d) with d = {d} and batch dims that "

@@ -42,7 +42,8 @@ class PCRSchedulerMixin:
             raise RuntimeError("Call `set_timesteps` before `batch_step`.")
         if model_output.shape != sample.shape:
             raise ValueError(
-                f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, got {tuple(model_output.shape)}."
+                f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, "
+                f"got {tuple(model_output.shape)}."
             )
 
     def noise_mask(self, **step_kwargs) -> list[bool]:
@@ -53,7 +54,9 @@ class PCRSchedulerMixin:
         """The dtype the base `step` draws its noise in, for a model output of `dtype`."""
         return dtype
 
-    def draw_noise(self, shape, generator=None, device=None, dtype=torch.float32, **step_kwargs) -> torch.Tensor | None:
+    def draw_noise(
+        self, shape, generator=None, device=None, dtype=torch.float32, **step_kwargs
+    ) -> torch.Tensor | None:
         """Draws the noise of all steps, `(N, *shape)`, as the sequential loop would; None if no step draws any.
 
         `shape`, `generator`, `device` and `dtype` are those of the model output the base `step` would see; steps
