@@ -1,0 +1,207 @@
+"""Parallel sampling on the shipped digits model, side by side in one run: diffusers' sequential pipelines,
+diffusers' ParaDiGMS machinery (`DDPMParallelScheduler` / `DDIMParallelScheduler` with its Picard loop), and
+pcr-diffusers with each Jacobian, at the default window and tolerance.
+
+    python benchmarks/sampling.py                  # table + sampling.png + tradeoff.png
+    python benchmarks/sampling.py --quick          # DDIM-25, batch 1 only
+
+Columns: rounds (sequential batched model calls), model evaluations (single steps), wall-clock speed-up over the
+sequential pipeline (measured in this run), and the largest difference to the sequential image in [0, 1] pixels.
+`tradeoff.png` plots rounds against that error over a sweep of tolerances, one curve per method: the fair
+comparison, since each method's tolerance means something different.
+"""
+
+import argparse
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from common import device_name, print_table
+from diffusers import (
+    DDIMParallelScheduler,
+    DDIMPipeline,
+    DDIMScheduler,
+    DDPMParallelScheduler,
+    DDPMPipeline,
+    DDPMScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.utils.torch_utils import randn_tensor
+from paradigms import paradigms_sample
+
+from pcr_diffusers import load_digits_pipeline
+from pcr_diffusers.pipelines import PCRDDIMPipeline, PCRDDPMPipeline
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
+
+CONFIGS = {  # name: (scheduler class, parallel scheduler class, steps)
+    "DDPM-1000": (DDPMScheduler, DDPMParallelScheduler, 1000),
+    "DDIM-100": (DDIMScheduler, DDIMParallelScheduler, 100),
+    "DDIM-50": (DDIMScheduler, DDIMParallelScheduler, 50),
+    "DDIM-25": (DDIMScheduler, DDIMParallelScheduler, 25),
+    "Euler-50": (EulerDiscreteScheduler, None, 50),
+}
+JACOBIANS = ["secant", "denoiser", "scheduler", "identity"]
+PARADIGMS_DEFAULTS = {"parallel": 10, "tolerance": 0.1}  # StableDiffusionParadigmsPipeline's
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def to_images(latents):
+    return (latents / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class Setup:
+    """The shipped model with one scheduler: runs each method on the same seed and batch."""
+
+    def __init__(self, unet, config, name, batch, seed=0):
+        self.unet, self.batch, self.seed = unet, batch, seed
+        scheduler_class, self.parallel_class, self.steps = CONFIGS[name]
+        self.scheduler = scheduler_class.from_config(config)
+        pcr_class = PCRDDIMPipeline if scheduler_class is DDIMScheduler else PCRDDPMPipeline
+        self.pcr = pcr_class(unet=unet, scheduler=self.scheduler)
+        self.pcr.set_progress_bar_config(disable=True)
+
+    def generator(self):
+        return torch.Generator().manual_seed(self.seed)
+
+    def sequential(self):
+        """diffusers' own loop: its DDPM/DDIM pipeline, or the loop its pipelines run for Euler."""
+        if isinstance(self.scheduler, (DDPMScheduler, DDIMScheduler)):
+            pipe_class = DDPMPipeline if isinstance(self.scheduler, DDPMScheduler) else DDIMPipeline
+            pipe = pipe_class(unet=self.unet, scheduler=self.scheduler)
+            pipe.set_progress_bar_config(disable=True)
+            return pipe(self.batch, self.generator(), num_inference_steps=self.steps, output_type="np").images
+        scheduler, generator = self.scheduler, self.generator()
+        scheduler.set_timesteps(self.steps)
+        x = randn_tensor((self.batch, 1, 8, 8), generator=generator) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:
+            x = scheduler.step(self.unet(scheduler.scale_model_input(x, t), t).sample, t, x).prev_sample
+        return to_images(x)
+
+    def ours(self, jacobian, parallel=DEFAULT_PARALLEL, tolerance=DEFAULT_TOLERANCE):
+        out = self.pcr(
+            self.batch,
+            self.generator(),
+            num_inference_steps=self.steps,
+            output_type="np",
+            parallel=parallel,
+            tolerance=tolerance,
+            jacobian=jacobian,
+        )
+        return out.images, out.stats.rounds, out.stats.model_evaluations
+
+    def paradigms(self, parallel, tolerance):
+        scheduler = self.parallel_class.from_config(self.scheduler.config)
+        scheduler.set_timesteps(self.steps)
+        generator = self.generator()
+        latents = randn_tensor((self.batch, 1, 8, 8), generator=generator)
+        x, rounds, evaluations = paradigms_sample(self.unet, scheduler, latents, generator, parallel, tolerance)
+        return to_images(x), rounds, evaluations
+
+
+def table(unet, config, names, batches):
+    rows, speedups = [], {}
+    for name in names:
+        for batch in batches:
+            setup = Setup(unet, config, name, batch)
+            ref, t_seq = timed(setup.sequential)
+            rows.append([name, batch, "sequential (diffusers)", setup.steps, setup.steps, "1.0x", "0"])
+            methods = []
+            if setup.parallel_class is not None:
+                methods.append(
+                    (
+                        f"ParaDiGMS (W={PARADIGMS_DEFAULTS['parallel']}, tol 0.1)",
+                        lambda s=setup: s.paradigms(**PARADIGMS_DEFAULTS),
+                    )
+                )
+                methods.append(
+                    (f"ParaDiGMS (W={DEFAULT_PARALLEL}, tol 0.1)", lambda s=setup: s.paradigms(DEFAULT_PARALLEL, 0.1))
+                )
+            for jacobian in JACOBIANS:
+                methods.append((f"ours, {jacobian}", lambda s=setup, j=jacobian: s.ours(j)))
+            for label, run in methods:
+                (images, rounds, evaluations), t = timed(run)
+                speedups[(name, batch, label)] = t_seq / t
+                error = np.abs(images - ref).max()
+                rows.append([name, batch, label, rounds, evaluations, f"{t_seq / t:.1f}x", f"{error:.1e}"])
+    print_table(["sampler", "batch", "method", "rounds", "model evals", "speed-up", "max |diff|"], rows)
+    return speedups
+
+
+def sweep(unet, config, out):
+    """Rounds against final error over tolerances, batch 1, every method with the same window."""
+    panels = [("DDPM-1000", DEFAULT_PARALLEL), ("DDPM-1000", 1000), ("DDIM-50", 50)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (name, window) in zip(axes, panels, strict=True):
+        setup = Setup(unet, config, name, batch=1)
+        ref = setup.sequential()
+        curves = {"ParaDiGMS": [setup.paradigms(window, tol) for tol in (0.3, 0.1, 0.03, 0.01, 0.003)]}
+        for jacobian in JACOBIANS:
+            curves[jacobian] = [setup.ours(jacobian, window, tol) for tol in (3e-2, 1e-2, 3e-3, 1e-3, 3e-4)]
+        print(f"\n{name}, window {window}, batch 1: rounds (error) per tolerance")
+        for label, points in curves.items():
+            errors = [max(np.abs(images - ref).max(), 1e-8) for images, _, _ in points]
+            rounds = [r for _, r, _ in points]
+            print(f"  {label:10s} " + "  ".join(f"{r} ({e:.0e})" for r, e in zip(rounds, errors, strict=True)))
+            ax.plot(errors, rounds, marker="o", label=label)
+        ax.set(
+            xscale="log",
+            xlabel="max |parallel - sequential| (pixels in [0, 1])",
+            ylabel="rounds",
+            title=f"{name}, window {window}",
+        )
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def plot_speedups(speedups, out):
+    labels = sorted({label for _, _, label in speedups}, key=lambda s: (not s.startswith("ours"), s))
+    groups = sorted({(name, batch) for name, batch, _ in speedups}, key=lambda g: (g[1], list(CONFIGS).index(g[0])))
+    fig, ax = plt.subplots(figsize=(max(8, 1.5 * len(groups)), 4))
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        values = [speedups.get((name, batch, label), 0) for name, batch in groups]
+        ax.bar(np.arange(len(groups)) + i * width, values, width, label=label)
+    ax.axhline(1, color="k", lw=0.8)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [f"{n}\nbatch {b}" for n, b in groups])
+    ax.set(ylabel="wall-clock speed-up over sequential", title=f"digits model, {device_name('cpu')}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--out", default="sampling.png")
+    parser.add_argument("--sweep-out", default="tradeoff.png")
+    parser.add_argument("--quick", action="store_true", help="DDIM-25 at batch 1, no sweep")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    pipe = load_digits_pipeline()
+    print(
+        f"digits model ({sum(p.numel() for p in pipe.unet.parameters()) / 1e6:.2f}M parameters) on "
+        f"{device_name('cpu')}; ours at window {DEFAULT_PARALLEL}, tolerance {DEFAULT_TOLERANCE}"
+    )
+    if args.quick:
+        table(pipe.unet, pipe.scheduler.config, ["DDIM-25"], [1])
+        return
+    speedups = table(pipe.unet, pipe.scheduler.config, args.configs, args.batch)
+    plot_speedups(speedups, args.out)
+    sweep(pipe.unet, pipe.scheduler.config, args.sweep_out)
+
+
+if __name__ == "__main__":
+    main()
