@@ -1,0 +1,178 @@
+"""Speed-up map of `PCRSequential` over `nn.Sequential` for deep MLPs, forward and forward+backward.
+
+    python benchmarks/layers.py [--device cuda] [--threads N] [--out layers.png]
+    python benchmarks/layers.py --quick --out layers_quick.png            # a smoke test, seconds
+    python benchmarks/layers.py --L 4096 --d 4 8 --batch 1                # some cells of the grid
+
+Each cell is the wall-clock ratio `nn.Sequential / PCRSequential` (above 1: PCR is faster) on the same L layers
+`x -> tanh(W_l x + c_l)` (PyTorch's default init, a contractive chain), float32, both measured side by side in one
+run; the table also gives Newton's iterations and the largest difference of the outputs.
+
+Cost model. The loop does `O(L batch d^2)` work in L sequential levels; when the layers are small its time is L
+times the fixed cost of launching a layer's few kernels, independent of d. PCR does, per Newton iteration, one
+batched evaluation of all layers, their exact Jacobians (`O(L batch d^3)`) and a dense PCR solve (`O(L log L batch
+d^3)` work in `ceil(log2 L)` levels), so its time is `O(iters log L)` launches plus work growing like `d^3 log L`.
+PCR therefore wins where L is large and d small (the loop is latency-bound and PCR's extra work is cheap), and
+loses as d grows, since its work is `iters * d * (1 + ceil(log2 L))` times the loop's: the crossover moves to larger
+d as the device's throughput grows relative to its launch latency (a GPU), and to smaller d on a few CPU cores.
+"""
+
+import argparse
+import math
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from common import device_name, print_table, seconds
+from matplotlib.colors import LogNorm
+from torch import nn
+
+from pcr_diffusers.nn import PCRSequential
+
+GRID = {"L": [64, 256, 1024, 4096], "d": [4, 8, 16, 32, 64], "batch": [1, 16]}
+QUICK_GRID = {"L": [64, 256], "d": [4, 16], "batch": [1, 16]}
+
+
+def mlp_layers(L: int, d: int, device: str) -> list[nn.Module]:
+    return [nn.Sequential(nn.Linear(d, d), nn.Tanh()).to(device) for _ in range(L)]
+
+
+def cost_model(L: int, d: int, iters: int) -> tuple[float, float]:
+    """The loop's sequential levels over PCR's, and PCR's flops over the loop's (both per sample).
+
+    The loop: L levels, `2 d^2` flops each. A Newton iteration: the batched layer call and the Jacobians (`d` VJPs,
+    `2 L d^3`), then `ceil(log2 L)` PCR levels of `2 L d^3` each: `iters (2 + ceil(log2 L))` levels in all and
+    `iters d (1 + ceil(log2 L))` times the loop's flops.
+    """
+    log_L = math.ceil(math.log2(L)) if L > 1 else 0
+    return L / (iters * (2 + log_L)), iters * d * (1 + log_L)
+
+
+def timed(fn, repeats: int, device: str) -> float:
+    """One run, timed; if it took under 2 s, `seconds` (warm-up, then the best of `repeats`) instead.
+
+    A run of seconds (the large-d PCR cells) is timed once: its warm-up share is negligible, and repeating it would
+    take the full grid from minutes to an hour.
+    """
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    once = time.perf_counter() - start
+    return once if once > 2.0 else seconds(fn, repeats, device)
+
+
+def measure(L: int, d: int, batch: int, repeats: int, device: str) -> dict:
+    """Forward and forward+backward seconds of both stacks over the same layers, timed one after the other."""
+    torch.manual_seed(0)
+    layers = mlp_layers(L, d, device)
+    loop, pcr = nn.Sequential(*layers), PCRSequential(*layers)
+    x = torch.randn(batch, d, device=device)
+    x_grad = x.clone().requires_grad_()
+    outputs = {}
+
+    def forward(model):
+        with torch.no_grad():
+            outputs[model] = model(x)
+
+    def forward_backward(model):
+        model(x_grad).square().sum().backward()
+
+    out = {"loop_fwd": timed(lambda: forward(loop), repeats, device)}
+    out["pcr_fwd"] = timed(lambda: forward(pcr), repeats, device)
+    out["diff"] = (outputs[loop] - outputs[pcr]).abs().max().item()
+    out["iters"], out["converged"] = pcr.last_result.num_iters, pcr.last_result.converged
+    out["loop_fb"] = timed(lambda: forward_backward(loop), repeats, device)
+    out["pcr_fb"] = timed(lambda: forward_backward(pcr), repeats, device)
+    return out
+
+
+def heat_map(results: dict, grid: dict, title: str, path: str) -> None:
+    """Rows L, columns d; one panel per (pass, batch); colour the ratio on a log scale centred on 1."""
+    ratios = [r[key] for r in results.values() for key in ("fwd", "fb")]
+    span = max(max(ratios), 1 / min(ratios), 2.0)
+    fig, axes = plt.subplots(
+        2, len(grid["batch"]), figsize=(4.5 * len(grid["batch"]) + 1, 7.5), squeeze=False, layout="constrained"
+    )
+    for row, (key, name) in enumerate([("fwd", "forward"), ("fb", "forward + backward")]):
+        for col, batch in enumerate(grid["batch"]):
+            ax = axes[row, col]
+            values = np.array([[results[L, d, batch][key] for d in grid["d"]] for L in grid["L"]])
+            image = ax.imshow(values, cmap="RdBu", norm=LogNorm(1 / span, span), origin="lower", aspect="auto")
+            for i in range(len(grid["L"])):
+                for j in range(len(grid["d"])):
+                    dark = abs(math.log(values[i, j])) > 0.6 * math.log(span)
+                    color = "white" if dark else "black"
+                    ax.text(j, i, f"{values[i, j]:.2g}x", ha="center", va="center", fontsize=9, color=color)
+            ax.set_xticks(range(len(grid["d"])), grid["d"])
+            ax.set_yticks(range(len(grid["L"])), grid["L"])
+            ax.set(xlabel="width d", ylabel="layers L", title=f"{name}, batch {batch}")
+    fig.colorbar(image, ax=axes, label="nn.Sequential time / PCRSequential time (blue: PCR faster)")
+    fig.suptitle(title, fontsize=10)
+    fig.savefig(path, dpi=120)
+
+
+def summarise(results: dict) -> None:
+    """Where PCR wins and loses, read off the measured ratios, with the cost model's account of the crossover."""
+    for key, name in [("fwd", "forward"), ("fb", "forward+backward")]:
+        wins = sorted((r[key], cell) for cell, r in results.items() if r[key] >= 1)
+        best_ratio, best_cell = max((r[key], cell) for cell, r in results.items())
+        worst_ratio, worst_cell = min((r[key], cell) for cell, r in results.items())
+        fmt = "L={}, d={}, batch={}".format
+        print(f"{name}: PCR faster in {len(wins)} of {len(results)} cells, >= 2x in {sum(w >= 2 for w, _ in wins)}")
+        print(f"  best {best_ratio:.2f}x at {fmt(*best_cell)}; worst {worst_ratio:.3f}x at {fmt(*worst_cell)}")
+    print(
+        "Cost model: the loop runs L sequential levels of O(batch d^2) work; PCR runs iters * (2 + ceil(log2 L)) "
+        "levels but does 'work PCR/loop' = iters * d * (1 + ceil(log2 L)) times the loop's flops. PCR wins where the "
+        "loop is bound by its L levels (large L, small d and batch) and loses where the extra d log L work dominates "
+        "(large d or batch, or small L)."
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help=f"a small grid {QUICK_GRID}, one repeat: a smoke test")
+    parser.add_argument("--out", default="layers.png", help="where to save the heat map")
+    for axis in GRID:
+        parser.add_argument(f"--{axis}", type=int, nargs="+", help=f"override the grid's {axis} values")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    grid, repeats = (QUICK_GRID, 1) if args.quick else (GRID, args.repeats)
+    grid = {axis: getattr(args, axis) or values for axis, values in grid.items()}
+    machine = device_name(args.device)
+    print(f"nn.Sequential / PCRSequential wall-clock, tanh MLP, float32, on {machine}")
+    header = ["L", "d", "batch", "iters", "max |diff|", "levels loop/PCR", "work PCR/loop", "loop fwd", "PCR fwd"]
+    header += ["fwd ratio"]
+    header += ["loop f+b", "PCR f+b", "f+b ratio"]
+    results, rows = {}, []
+    start = time.perf_counter()
+    for L in grid["L"]:
+        for d in grid["d"]:
+            for batch in grid["batch"]:
+                m = measure(L, d, batch, repeats, args.device)
+                r = results[L, d, batch] = {"fwd": m["loop_fwd"] / m["pcr_fwd"], "fb": m["loop_fb"] / m["pcr_fb"]}
+                levels, work = cost_model(L, d, m["iters"])
+                iters = f"{m['iters']}" + ("" if m["converged"] else " (unconverged)")
+                row = [L, d, batch, iters, f"{m['diff']:.1e}", f"{levels:.0f}", f"{work:.0f}"]
+                row += [f"{1e3 * m[k]:.1f}ms" for k in ("loop_fwd", "pcr_fwd")] + [f"{r['fwd']:.2f}x"]
+                row += [f"{1e3 * m[k]:.1f}ms" for k in ("loop_fb", "pcr_fb")] + [f"{r['fb']:.2f}x"]
+                rows.append(row)
+                print(" ".join(map(str, row)), file=sys.stderr)  # progress: the full grid takes minutes
+    print_table(header, rows)
+    summarise(results)
+    heat_map(results, grid, f"tanh MLP, float32, {machine}", args.out)
+    print(f"wrote {args.out} ({time.perf_counter() - start:.0f}s)")
+
+
+if __name__ == "__main__":
+    main()
