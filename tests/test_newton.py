@@ -168,3 +168,20 @@ def test_bad_input_is_refused_with_clear_errors():
         newton_solve(step, x0.long(), 5)
     with pytest.raises(ValueError, match="dims"):
         newton_solve(step, x0, 5, jacobian=SecantJacobian(dims=(3,)))
+
+
+def test_extend_predicts_the_steps_entering_the_window():
+    L = 60
+    step, x0 = residual_chain(L)
+    ref = sequential(step, x0, L)
+    calls = []
+
+    def exact_prediction(ls, x_last):
+        calls.append((int(ls[0]), len(ls)))
+        return ref[ls]
+
+    plain = newton_solve(step, x0, L, jacobian="identity", tol=1e-10, window=10)
+    predicted = newton_solve(step, x0, L, jacobian="identity", tol=1e-10, window=10, extend=exact_prediction)
+    assert predicted.converged and predicted.num_iters < plain.num_iters
+    assert calls and all(start >= 10 for start, _ in calls)  # only steps entering after the first window
+    torch.testing.assert_close(predicted.states, ref, rtol=0, atol=1e-9)

@@ -124,3 +124,11 @@ def test_bad_input_is_refused_with_clear_errors():
         pcr_solve(dense[..., :-1], b2, x2, structure="dense")
     with pytest.raises(ValueError, match="dense"):
         pcr_solve(dense[:, :2], b2, x2, structure="dense")
+
+
+@pytest.mark.parametrize("solve", [pcr_solve, sequential_solve])
+def test_check_finite_false_skips_the_check_and_propagates(solve):
+    A, b, x0 = make_system(9, "diagonal", torch.float64, batch=False)
+    b[4, 0] = float("nan")
+    out = solve(A, b, x0, check_finite=False)
+    assert out[:4].isfinite().all() and out[4:, 0].isnan().all()

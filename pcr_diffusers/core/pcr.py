@@ -10,7 +10,7 @@ STRUCTURES = ("elementwise", "dense")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def _check_inputs(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, structure: str) -> None:
+def _check_inputs(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, structure: str, check_finite: bool) -> None:
     if structure not in STRUCTURES:
         raise ValueError(f"`structure` must be one of {STRUCTURES}, got {structure!r}.")
     for name, value in (("A", A), ("b", b), ("x0", x0)):
@@ -51,14 +51,14 @@ def _check_inputs(A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, structure:
                 f"With structure='dense', `A` must have shape (L, *batch, d, d) with d = {d} and batch dims that "
                 f"broadcast to the state's leading dims {state[:-1]}, got {tuple(A.shape)}."
             )
-    for name, value in (("A", A), ("b", b), ("x0", x0)):
+    for name, value in (("A", A), ("b", b), ("x0", x0)) if check_finite else ():
         if not torch.isfinite(value).all():
             raise ValueError(f"`{name}` contains NaN or infinite values.")
 
 
-def _prepare(A, b, x0, structure, reverse):
+def _prepare(A, b, x0, structure, reverse, check_finite):
     """Validates, upcasts half precision to float32, turns `reverse` into a forward system and fixes `A`'s rank."""
-    _check_inputs(A, b, x0, structure)
+    _check_inputs(A, b, x0, structure, check_finite)
     if b.dtype in _HALF_DTYPES:
         A, b, x0 = A.float(), b.float(), x0.float()
     if structure == "elementwise":
@@ -91,7 +91,13 @@ def _finish(x: torch.Tensor, dtype: torch.dtype, reverse: bool) -> torch.Tensor:
 
 
 def pcr_solve(
-    A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, *, structure: str = "elementwise", reverse: bool = False
+    A: torch.Tensor,
+    b: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    structure: str = "elementwise",
+    reverse: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     r"""Solves a linear first-order recurrence by parallel cyclic reduction.
 
@@ -122,6 +128,9 @@ def pcr_solve(
         x0 (`torch.Tensor`): the initial (or, with `reverse=True`, final) state, shape `state`.
         structure (`str`): `"elementwise"` or `"dense"`.
         reverse (`bool`): solve the adjoint recurrence from the end with transposed blocks.
+        check_finite (`bool`): raise a `ValueError` when an input holds NaN or inf (as scipy.linalg does). The check
+            costs a reduction and a device sync; callers that have checked their inputs can turn it off, and then
+            non-finite inputs give non-finite outputs.
 
     Returns:
         `torch.Tensor` of shape `(L, *state)`: the states `x_1, ..., x_L`.
@@ -135,7 +144,7 @@ def pcr_solve(
     Differentiable with autograd (every level is out of place), on CPU and CUDA.
     """
     dtype = b.dtype
-    A, b, x0 = _prepare(A, b, x0, structure, reverse)
+    A, b, x0 = _prepare(A, b, x0, structure, reverse, check_finite)
     L = b.shape[0]
     b = torch.cat([_apply(A[:1], x0.unsqueeze(0), structure) + b[:1], b[1:]])
     # `tail` holds \bar A_l for l >= s only: equations l < s already reach x0 and need no matrix.
@@ -150,14 +159,20 @@ def pcr_solve(
 
 
 def sequential_solve(
-    A: torch.Tensor, b: torch.Tensor, x0: torch.Tensor, *, structure: str = "elementwise", reverse: bool = False
+    A: torch.Tensor,
+    b: torch.Tensor,
+    x0: torch.Tensor,
+    *,
+    structure: str = "elementwise",
+    reverse: bool = False,
+    check_finite: bool = True,
 ) -> torch.Tensor:
     """The plain loop over l for the recurrence `pcr_solve` solves; same arguments, same result.
 
     `O(L)` work in L sequential steps. The reference every test of `pcr_solve` compares against.
     """
     dtype = b.dtype
-    A, b, x = _prepare(A, b, x0, structure, reverse)
+    A, b, x = _prepare(A, b, x0, structure, reverse, check_finite)
     states = []
     for l in range(b.shape[0]):
         x = _apply(A[l], x, structure) + b[l]

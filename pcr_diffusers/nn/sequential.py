@@ -80,7 +80,8 @@ class _NewtonThroughLayers(torch.autograd.Function):
         ls = torch.arange(len(x_prev), device=x.device)
         _, J = ExactJacobian().evaluate(solve.step(params), ls, x_prev)  # (L, batch, d, d) at the solved states
         # a_{l-1} = J_l^T a_l with a_L = grad_out; the reverse solve returns a_0, ..., a_{L-1}.
-        adjoint = pcr_solve(J, torch.zeros_like(x_prev), grad_out, structure="dense", reverse=True)  # (L, batch, d)
+        # Non-finite gradients propagate as they would through nn.Sequential, so the finiteness check is skipped.
+        adjoint = pcr_solve(J, torch.zeros_like(x_prev), grad_out, structure="dense", reverse=True, check_finite=False)
         wanted = [name for name, needed in zip(solve.param_names, ctx.needs_input_grad[2:], strict=True) if needed]
         grads = {}
         if wanted:
