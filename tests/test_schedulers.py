@@ -144,3 +144,9 @@ def test_x0_conversions_invert_each_other_and_match_the_base_prediction(case):
             base.scale_model_input(samples[i].float(), t)
         out = base.step(model_outputs[i].float(), t, samples[i].float(), generator=torch.Generator(), **kwargs)
         torch.testing.assert_close(x0[i].float(), out.pred_original_sample, rtol=1e-5, atol=1e-5)
+
+
+def test_the_twin_keeps_config_values_changed_after_construction():
+    base = DDIMScheduler()  # clip_sample=True by default, recorded in `_use_default_values`
+    base.register_to_config(clip_sample=False)  # as StableDiffusionPipeline does for SD 1.x checkpoints
+    assert PCRScheduler.from_scheduler(base).config.clip_sample is False

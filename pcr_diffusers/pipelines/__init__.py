@@ -3,5 +3,14 @@
 
 from .pipeline_pcr_ddim import PCRDDIMPipeline
 from .pipeline_pcr_ddpm import PCRDDPMPipeline
+from .pipeline_pcr_stable_diffusion import PCRStableDiffusionPipeline
+from .pipeline_pcr_stable_diffusion_3 import PCRStableDiffusion3Pipeline
+from .pipeline_pcr_stable_diffusion_xl import PCRStableDiffusionXLPipeline
 
-__all__ = ["PCRDDIMPipeline", "PCRDDPMPipeline"]
+__all__ = [
+    "PCRDDIMPipeline",
+    "PCRDDPMPipeline",
+    "PCRStableDiffusion3Pipeline",
+    "PCRStableDiffusionPipeline",
+    "PCRStableDiffusionXLPipeline",
+]

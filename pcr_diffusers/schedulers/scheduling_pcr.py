@@ -100,8 +100,12 @@ class PCRSchedulerMixin:
 
     @classmethod
     def from_scheduler(cls, scheduler):
-        """The PCR twin of a diffusers scheduler, from its config (nothing retuned)."""
-        return cls.from_config(scheduler.config)
+        """The PCR twin of a diffusers scheduler, with every value of its config (nothing retuned).
+
+        `_use_default_values` is dropped: `from_config` would reset the keys it lists to the class defaults, even
+        where the config was changed since (StableDiffusionPipeline turns a defaulted `clip_sample=True` off).
+        """
+        return cls.from_config({key: value for key, value in scheduler.config.items() if key != "_use_default_values"})
 
     def _unsupported(self, option: str, value, allowed) -> ValueError:
         return ValueError(f"{type(self).__name__} supports {option} in {tuple(allowed)}, got {value!r}.")

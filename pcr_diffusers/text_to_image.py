@@ -1,0 +1,196 @@
+"""What the text-to-image pipelines share: classifier-free guidance inside the batched model call, timesteps and
+step noise as the parent pipeline would make them, and the checks that run before any model call.
+
+A text-to-image pipeline of pcr-diffusers is `PCRTextToImageMixin` + the diffusers pipeline it stands in for. Its
+`__call__` keeps the parent's steps (`check_inputs`, `encode_prompt`, `prepare_latents`, decoding) and replaces
+only the denoising loop:
+
+    model_fn(x, t)                       # x: (n * B, C, H, W), the states of n consecutive steps
+      -> model(cat([x_k, x_k]) for each step k, t, **conditioning repeated n times)   # (n * 2B, C, H, W)
+      -> uncond + guidance_scale * (text - uncond)                                      # (n * B, C, H, W)
+
+so one model call per round covers window x 2 x batch, and step k's rows are exactly the rows the sequential loop
+passes to the model at step k.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils import BaseOutput
+
+from .pipeline_utils import PCRPipelineMixin
+from .sampling import SamplingStats
+from .schedulers import PCRScheduler, PCRSchedulerMixin
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+_PER_STEP = "parallel sampling solves the steps together, so there is no step to call back after"
+UNSUPPORTED = {  # arguments of the parent pipelines that we reject, and why
+    "callback_on_step_end": _PER_STEP,
+    "callback": _PER_STEP,
+    "callback_steps": _PER_STEP,
+    "ip_adapter_image": "IP-Adapter is not implemented",
+    "ip_adapter_image_embeds": "IP-Adapter is not implemented",
+    "skip_guidance_layers": "skip-layer guidance is not implemented",
+}
+
+
+@dataclass
+class PCRStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
+    """`StableDiffusionPipelineOutput` (`images`, `nsfw_content_detected`) and how the denoising loop ran: `stats`."""
+
+    stats: SamplingStats | None = None
+
+
+def repeat_steps(conditioning, n: int):
+    """The conditioning of one step for `n` steps in one call: every tensor repeated `n` times along its first
+    (batch) axis, in nested dicts, lists and tuples too; anything else (None, numbers) as it is."""
+    if isinstance(conditioning, torch.Tensor):
+        return conditioning.repeat(n, *([1] * (conditioning.ndim - 1)))
+    if isinstance(conditioning, dict):
+        return {key: repeat_steps(value, n) for key, value in conditioning.items()}
+    if isinstance(conditioning, (list, tuple)):
+        return type(conditioning)(repeat_steps(value, n) for value in conditioning)
+    return conditioning
+
+
+class GuidedModel:
+    """`model_fn` for `DenoisingChain`: a conditional model with classifier-free guidance, many steps per call.
+
+    Args:
+        model: `model(model_input, t, **conditioning)` -> the model output, called as the sequential loop calls it.
+        conditioning: keyword arguments of one step's call, with the parent's batch of `2B` rows (negative first)
+            under guidance, else `B` rows.
+        batch_size: `B`, the latents' batch.
+        guidance_scale: the scale `w` of `uncond + w * (text - uncond)`; None for no guidance.
+        guidance_rescale: `rescale_noise_cfg`'s factor (0 for none).
+
+    Called with `x` `(n * B, C, H, W)` and `t` `(n * B,)`, step-major, it runs the model once on `(n * 2B, ...)`:
+    step k's rows are `[x_k; x_k]`, as the sequential loop's `torch.cat([latents] * 2)`.
+    """
+
+    def __init__(
+        self,
+        model: Callable,
+        conditioning: dict,
+        batch_size: int,
+        guidance_scale: float | None,
+        guidance_rescale: float = 0.0,
+    ):
+        self.model = model
+        self.conditioning = conditioning
+        self.batch_size = batch_size
+        self.guidance_scale = guidance_scale
+        self.guidance_rescale = guidance_rescale
+        self._repeated = {}  # n -> conditioning for n steps; the window size changes only near the end
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] // self.batch_size
+        if n not in self._repeated:
+            self._repeated = {n: repeat_steps(self.conditioning, n)}
+        if self.guidance_scale is None:
+            return self.model(x, t, **self._repeated[n])
+        copies = (n, 2, self.batch_size)
+        x = x.unflatten(0, (n, 1, self.batch_size)).expand(*copies, *x.shape[1:]).flatten(0, 2)  # (n * 2B, C, H, W)
+        t = t.unflatten(0, (n, 1, self.batch_size)).expand(copies).flatten()  # (n * 2B,)
+        uncond, text = self.model(x, t, **self._repeated[n]).unflatten(0, copies).unbind(1)  # (n, B, C, H, W) each
+        guided = (uncond + self.guidance_scale * (text - uncond)).flatten(0, 1)
+        if self.guidance_rescale > 0.0:
+            guided = rescale_noise_cfg(guided, text.flatten(0, 1), guidance_rescale=self.guidance_rescale)
+        return guided
+
+
+class PCRTextToImageMixin(PCRPipelineMixin):
+    """Parallel-in-time denoising for a diffusers text-to-image pipeline; see the module docstring."""
+
+    def check_text_to_image_inputs(self, num_inference_steps, output_type, solver: dict, **unsupported) -> None:
+        """Our checks, before any model call: the window solver's arguments (`solver`: parallel, tolerance,
+        jacobian, max_rounds), the scheduler, `output_type`, and the parent's arguments that parallel sampling does
+        not support (`unsupported`: name -> value, an error unless None)."""
+        self.check_pcr_inputs(num_inference_steps, **solver)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        for name, value in unsupported.items():
+            if value is not None:
+                parent = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
+                raise ValueError(
+                    f"{type(self).__name__} does not support `{name}`: "
+                    f"{UNSUPPORTED.get(name, f'it is not an argument of {parent}')}. Leave it unset, or use {parent}."
+                )
+
+    def effective_batch_size(self, prompt, prompt_embeds, num_images_per_prompt: int, generator) -> int:
+        """The parent's batch of latents (prompts x images per prompt); checks the generators against it now, where
+        the parent would only after encoding the prompt."""
+        if isinstance(prompt, str):
+            batch_size = 1
+        elif prompt is not None:
+            batch_size = len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        batch_size *= num_images_per_prompt
+        self.check_generator(generator, batch_size)
+        return batch_size
+
+    def pcr_timesteps(
+        self, num_inference_steps, device, timesteps=None, sigmas=None, **set_timesteps_kwargs
+    ) -> PCRSchedulerMixin:
+        """The PCR twin of `self.scheduler` with the timesteps the parent's `retrieve_timesteps` sets.
+
+        `self.scheduler` gets them too, as in the parent: its `init_noise_sigma`, which `prepare_latents` uses,
+        depends on them, and its errors for unsupported custom `timesteps` / `sigmas` are the parent's.
+        """
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, **set_timesteps_kwargs)
+        scheduler = PCRScheduler.from_scheduler(self.scheduler)
+        custom = {name: value for name, value in [("timesteps", timesteps), ("sigmas", sigmas)] if value is not None}
+        scheduler.set_timesteps(
+            None if custom else num_inference_steps, device=device, **custom, **set_timesteps_kwargs
+        )
+        self._num_timesteps = len(scheduler.timesteps)
+        return scheduler
+
+    def unet_step_inputs(self, scheduler, latents, generator, eta, batch_size):
+        """For UNet pipelines: the parent's scheduler-step kwargs without the generator, every step's noise drawn
+        from it in the sequential loop's order, and the guidance embedding `timestep_cond` of LCM-style UNets."""
+        step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
+        noise = scheduler.draw_noise(
+            latents.shape, step_kwargs.pop("generator", None), latents.device, latents.dtype, **step_kwargs
+        )
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            guidance_scale_tensor = torch.tensor(self.guidance_scale - 1).repeat(batch_size)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance_scale_tensor, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=latents.device, dtype=latents.dtype)
+        return step_kwargs, noise, timestep_cond
+
+    def unet_model(self, x, t, **conditioning):
+        """One UNet call as the sequential loop makes it."""
+        output = self.unet(x, t, cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False, **conditioning)
+        return output[0]
+
+    def guided_denoise(
+        self,
+        model: Callable,
+        conditioning: dict,
+        scheduler: PCRSchedulerMixin,
+        latents: torch.Tensor,
+        noise: torch.Tensor | None,
+        *,
+        guidance_rescale: float = 0.0,
+        step_kwargs: dict | None = None,
+        **solver,
+    ) -> tuple[torch.Tensor, SamplingStats]:
+        """`pcr_denoise` with `GuidedModel(model, conditioning, ...)` as the model; guidance as
+        `self.do_classifier_free_guidance` and `self.guidance_scale` say. `solver`: parallel, tolerance, jacobian,
+        max_rounds."""
+        guidance_scale = self.guidance_scale if self.do_classifier_free_guidance else None
+        model_fn = GuidedModel(model, conditioning, latents.shape[0], guidance_scale, guidance_rescale)
+        return self.pcr_denoise(model_fn, scheduler, latents, noise, step_kwargs=step_kwargs, **solver)
+
+    def pcr_output(self, output: BaseOutput, return_dict: bool):
+        """Frees the model hooks, as the parent does, and returns `output`, or its fields as a tuple (None kept,
+        unlike `BaseOutput.to_tuple`: StableDiffusionPipeline's tuple has `nsfw_content_detected` even when None)."""
+        self.maybe_free_model_hooks()
+        return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))
