@@ -15,6 +15,7 @@ from diffusers import (
     EulerDiscreteScheduler,
 )
 from diffusers.utils import make_image_grid
+from PIL import ImageOps
 
 from .digits import DIGITS_DIR, digit_quality, train_digits
 from .pipelines import PCRDDIMPipeline, PCRDDPMPipeline
@@ -38,9 +39,10 @@ def build_pipeline(model: str | Path, scheduler: str) -> PCRDDPMPipeline | PCRDD
 
 
 def save_grid(images: np.ndarray, path: str | Path, scale: int) -> None:
-    """Saves `(N, H, W, C)` images in [0, 1] as one grid PNG, each image enlarged `scale` times (nearest)."""
+    """Saves `(N, H, W, C)` images in [0, 1] as one grid PNG, each image enlarged `scale` times (nearest) and framed
+    by a gray border of `scale` pixels so neighbouring images stay apart."""
     pils = PCRDDPMPipeline.numpy_to_pil(images)
-    pils = [im.resize((im.width * scale, im.height * scale), 0) for im in pils]
+    pils = [ImageOps.expand(im.resize((im.width * scale, im.height * scale), 0), scale, fill=96) for im in pils]
     cols = int(np.ceil(np.sqrt(len(pils))))
     rows = int(np.ceil(len(pils) / cols))
     pils += [pils[0].point(lambda _: 0)] * (rows * cols - len(pils))  # black cells fill the last row

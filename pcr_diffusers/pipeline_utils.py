@@ -5,15 +5,25 @@ Pipelines combine `PCRPipelineMixin` with the diffusers pipeline they stand in f
 preparation and decoding stay the parent's; only the denoising loop changes.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import PIL.Image
 import torch
+import torch.distributed as dist
+from diffusers.pipelines import pipeline_utils as diffusers_pipeline_utils
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .sampling import DenoisingChain, SamplingStats, check_parallel_args, denoise_parallel, denoise_sequential
+from .sampling import (
+    DenoisingChain,
+    SamplingStats,
+    check_parallel_args,
+    default_process_group,
+    denoise_parallel,
+    denoise_sequential,
+)
 from .schedulers import PCRScheduler, PCRSchedulerMixin
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -43,14 +53,18 @@ class PCRPipelineMixin:
         change the user's original pipeline too; here the default dtype is the existing pipeline's.
         """
         if "torch_dtype" not in kwargs and "dtype" not in kwargs:
-            kwargs["torch_dtype"] = pipeline.dtype
+            # diffusers renamed `torch_dtype` to `dtype` (the old name warns); `_resolve_dtype` marks the versions.
+            kwargs["dtype" if hasattr(diffusers_pipeline_utils, "_resolve_dtype") else "torch_dtype"] = pipeline.dtype
         return super().from_pipe(pipeline, **kwargs)
 
-    def check_pcr_inputs(self, num_inference_steps, parallel, tolerance, jacobian, max_rounds) -> None:
+    def check_pcr_inputs(
+        self, num_inference_steps, parallel, tolerance, jacobian, max_rounds, max_memory=None
+    ) -> None:
         """Raises a clear `ValueError` for bad arguments or an unsupported scheduler, before any model call."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {num_inference_steps!r}.")
-        check_parallel_args(parallel, tolerance, jacobian, max_rounds)
+        steps = num_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"`num_inference_steps` must be a positive int, got {steps!r}.")
+        check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
         PCRScheduler.from_scheduler(self.scheduler)
 
     @staticmethod
@@ -74,25 +88,39 @@ class PCRPipelineMixin:
         latents: torch.Tensor,
         noise: torch.Tensor | None,
         *,
-        parallel: int,
+        parallel: int | str,
         tolerance: float,
         jacobian,
         max_rounds: int | None,
+        max_memory: int | str | None = None,
         step_kwargs: dict | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
-        """The denoising loop: parallel over windows of `parallel` steps, or the plain loop when `parallel == 1`."""
-        chain = DenoisingChain(model_fn, scheduler, noise, step_kwargs)
+        """The denoising loop: parallel over windows of `parallel` steps, or the plain loop when `parallel == 1`.
+
+        Precision: a float16 or bfloat16 model runs in its dtype, but the solver's states, residuals and the
+        scheduler's steps are float32 (and so are those of the sequential loop, `parallel=1`); the latents and noise
+        are drawn in the model's dtype as the parent pipeline draws them, and the result is returned in it.
+        Distributed: under an initialised `torch.distributed` group of several processes, every round's model call
+        is split across them (`ShardedModel`), and only rank 0 shows a progress bar.
+        """
+        model_dtype = latents.dtype
+        solver_dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
+        noise = None if noise is None else noise.to(solver_dtype)
+        chain = DenoisingChain(model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype)
         denoise = denoise_sequential if parallel == 1 else denoise_parallel
-        with self.progress_bar(total=len(chain)) as progress_bar:
-            return denoise(
+        main_process = default_process_group() is None or dist.get_rank() == 0
+        with self.progress_bar(total=len(chain)) if main_process else nullcontext() as progress_bar:
+            latents, stats = denoise(
                 chain,
-                latents,
+                latents.to(solver_dtype),
                 parallel=parallel,
                 tolerance=tolerance,
                 jacobian=jacobian,
                 max_rounds=max_rounds,
+                max_memory=max_memory,
                 progress_bar=progress_bar,
             )
+        return latents.to(model_dtype), stats
 
     def images_from_samples(self, image: torch.Tensor, output_type: str):
         """`[-1, 1]` samples to `[0, 1]` images as `output_type` (`"pil"`, `"np"` or `"pt"`), as DDPMPipeline does."""

@@ -11,8 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
+from accelerate.utils import convert_file_size_to_int
 
 from .core import ConstantJacobian, Jacobian, newton_solve, pcr_solve
+from .memory import fit_window
 from .schedulers import PCRSchedulerMixin
 
 logger = logging.getLogger(__name__)
@@ -35,6 +38,7 @@ class SamplingStats:
         residuals: per parallel round, the largest residual `||Phi_i(x_i) - x_{i+1}||_inf` in the window, in the
             scheduler's sample units.
         sequential_steps: steps finished one at a time after `max_rounds` ran out.
+        window: the window used (steps per round); 1 for the sequential loop.
     """
 
     rounds: int
@@ -42,6 +46,44 @@ class SamplingStats:
     converged: bool
     residuals: list[float] = field(default_factory=list)
     sequential_steps: int = 0
+    window: int = 1
+
+
+def default_process_group():
+    """The default `torch.distributed` group when one is initialised with more than one process, else None."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
+
+
+class ShardedModel:
+    """`model_fn` with each batched call split across the processes of a `torch.distributed` group.
+
+    Rank r evaluates rows `[r * k, (r + 1) * k)` of the `n` rows (`k = ceil(n / world_size)`), and the outputs are
+    all-gathered, so every rank gets the whole batch and the solver runs identically everywhere. Works with gloo
+    (CPU) and nccl (GPU); launch with `torchrun` or `accelerate launch`.
+    """
+
+    def __init__(self, model_fn: Callable, group=None):
+        self.model_fn = model_fn
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        rows = -(-n // self.world_size)
+        start = min(self.rank * rows, n)
+        stop = min(start + rows, n)
+        if stop == start:  # more ranks than rows: evaluate row 0 to learn the output's shape, then drop it
+            out = self.model_fn(x[:1], t[:1])[:0]
+        else:
+            out = self.model_fn(x[start:stop], t[start:stop])
+        padded = out.new_zeros(rows, *out.shape[1:])
+        padded[: len(out)] = out
+        gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded.contiguous(), group=self.group)
+        return torch.cat(gathered)[:n]  # only trailing ranks are short, so the first n rows are in order
 
 
 class DenoisingChain:
@@ -50,17 +92,33 @@ class DenoisingChain:
     Args:
         model_fn: `model_fn(model_input, t)` with `model_input` of shape `(n * B, C, H, W)` (already scaled by the
             scheduler) and `t` of shape `(n * B,)`; returns the model output of the input's shape. Classifier-free
-            guidance and conditioning live inside it.
+            guidance and conditioning live inside it. Its output is cast to the states' dtype, so the model may run
+            in half precision while the solver works in float32.
         scheduler: a PCR scheduler after `set_timesteps`.
         noise: `(N, B, C, H, W)` from `scheduler.draw_noise`, or None.
         step_kwargs: extra arguments of the scheduler's step (DDIM's `eta`, `use_clipped_model_output`).
+        process_group: split every model call across this `torch.distributed` group (`ShardedModel`); default: the
+            default group when `torch.distributed` is initialised with several processes. Every process must pass
+            the same inputs (same generator seeds); all then compute the same result. `False` turns sharding off.
+        model_dtype: the dtype the model runs in, when it differs from the states' (e.g. a float16 model with
+            float32 states): its inputs are cast to it and its outputs back to the states' dtype.
 
     The chain remembers the last step it evaluated (its input and model output): `extend` predicts the steps after
     it from that step's denoised prediction.
     """
 
-    def __init__(self, model_fn: Callable, scheduler: PCRSchedulerMixin, noise=None, step_kwargs=None):
-        self.model_fn = model_fn
+    def __init__(
+        self,
+        model_fn: Callable,
+        scheduler: PCRSchedulerMixin,
+        noise=None,
+        step_kwargs=None,
+        process_group=None,
+        model_dtype: torch.dtype | None = None,
+    ):
+        group = default_process_group() if process_group is None else process_group
+        self.model_dtype = model_dtype
+        self.model_fn = model_fn if group in (None, False) else ShardedModel(model_fn, group)
         self.scheduler = scheduler
         self.noise = noise
         self.step_kwargs = step_kwargs or {}
@@ -74,7 +132,9 @@ class DenoisingChain:
         n, batch = x_prev.shape[:2]
         model_input = self.scheduler.batch_scale_model_input(x_prev, ls)
         t = self.scheduler.timesteps[ls.cpu()].to(x_prev.device)
-        out = self.model_fn(model_input.flatten(0, 1), t.repeat_interleave(batch)).reshape(x_prev.shape)
+        model_input = model_input.flatten(0, 1).to(self.model_dtype or x_prev.dtype)
+        out = self.model_fn(model_input, t.repeat_interleave(batch))
+        out = out.reshape(x_prev.shape).to(x_prev.dtype)
         self._frontier = (ls[-1:], x_prev[-1:], out[-1:])
         return out
 
@@ -188,10 +248,19 @@ def diffusion_jacobian(jacobian: "str | Jacobian") -> Jacobian:
     return DIFFUSION_JACOBIANS[jacobian]()
 
 
-def check_parallel_args(parallel, tolerance, jacobian, max_rounds) -> None:
+def check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory=None) -> None:
     """Raises a clear `ValueError` for bad parallel-sampling arguments (before any model call)."""
-    if isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1:
-        raise ValueError(f"`parallel` (the window size) must be a positive int, got {parallel!r}.")
+    if parallel != "auto" and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+        raise ValueError(f"`parallel` (the window size) must be a positive int or 'auto', got {parallel!r}.")
+    if max_memory is not None:
+        try:
+            size = convert_file_size_to_int(max_memory) if isinstance(max_memory, str) else max_memory
+        except ValueError:
+            size = None
+        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+            raise ValueError(
+                f"`max_memory` must be a positive number of bytes or a size like '2GB', got {max_memory!r}."
+            )
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
         raise ValueError(f"`tolerance` must be a positive number, got {tolerance!r}.")
     if max_rounds is not None and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1):
@@ -208,6 +277,7 @@ def denoise_parallel(
     tolerance: float = DEFAULT_TOLERANCE,
     jacobian: "str | Jacobian" = "auto",
     max_rounds: int | None = None,
+    max_memory: int | str | None = None,
     progress_bar=None,
 ) -> tuple[torch.Tensor, SamplingStats]:
     """Runs the denoising loop in parallel over time; returns the final latents `(B, C, H, W)` and the stats.
@@ -224,7 +294,7 @@ def denoise_parallel(
     Args:
         chain: the denoising chain (model, scheduler after `set_timesteps`, pre-drawn noise).
         latents: the initial latents `(B, C, H, W)`, already scaled by `init_noise_sigma`.
-        parallel: the window size (steps per round).
+        parallel: the window size (steps per round), or `"auto"`: the largest window that fits the memory budget.
         tolerance: the per-step tolerance, relative to the state's size.
         jacobian: `"auto"` (the default: currently `"secant"`, which converged in the fewest rounds in our
             benchmarks), `"secant"` (`DiffusionSecant`: per-element secant slopes from the iterate history, kept
@@ -233,10 +303,16 @@ def denoise_parallel(
             output held fixed), `"identity"` (Picard iteration, as ParaDiGMS), or a `Jacobian`. None costs a model
             call.
         max_rounds: the most parallel rounds; default: no limit (at most N are ever needed).
+        max_memory: the memory sampling may use, in bytes or as a string like `"2GB"`; default: the free CUDA
+            memory, or the available RAM. With `parallel="auto"` or `max_memory` given, one probe step (counted in
+            the stats as a round) measures the memory of a step and the window is fitted to the budget
+            (`pcr_diffusers.memory.fit_window`); a requested window that would not fit is shrunk, with a log message.
         progress_bar: a tqdm bar with `total` = N, advanced as steps are accepted.
     """
-    check_parallel_args(parallel, tolerance, jacobian, max_rounds)
+    check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     num_steps = len(chain)
+    probes = int(parallel == "auto" or max_memory is not None)
+    window = fit_window(chain, latents, parallel, max_memory) if probes else parallel
     scale = chain.scheduler.state_scale(torch.arange(num_steps))
 
     def callback(num_iters, num_accepted, residual):
@@ -251,7 +327,7 @@ def denoise_parallel(
         jacobian=diffusion_jacobian(jacobian),
         tol=tolerance * scale,
         max_iters=max_rounds,
-        window=parallel,
+        window=window,
         extend=chain.extend,
         callback=callback,
     )
@@ -267,11 +343,12 @@ def denoise_parallel(
             if progress_bar is not None:
                 progress_bar.update(1)
     stats = SamplingStats(
-        rounds=result.num_iters + num_steps - done,
-        model_evaluations=result.num_evaluations + num_steps - done,
+        rounds=probes + result.num_iters + num_steps - done,
+        model_evaluations=probes + result.num_evaluations + num_steps - done,
         converged=result.converged,
         residuals=result.residuals,
         sequential_steps=num_steps - done,
+        window=window,
     )
     return x, stats
 
@@ -284,11 +361,12 @@ def denoise_sequential(
     tolerance: float = DEFAULT_TOLERANCE,
     jacobian: "str | Jacobian" = "auto",
     max_rounds: int | None = None,
+    max_memory: int | str | None = None,
     progress_bar=None,
 ) -> tuple[torch.Tensor, SamplingStats]:
     """The plain loop, one model call per step: the twin of `denoise_parallel` (the parallel arguments are checked
     and otherwise ignored)."""
-    check_parallel_args(parallel, tolerance, jacobian, max_rounds)
+    check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     x = latents
     for i in range(len(chain)):
         x = chain(torch.tensor([i], device=x.device), x.unsqueeze(0))[0]

@@ -103,7 +103,7 @@ def test_cli_generate_compare_and_check(tmp_path, capsys):
     assert "speed-up" in printed and "max |parallel - sequential|" in printed
     from PIL import Image
 
-    assert Image.open(out).size == (3 * 16, 2 * 16)  # 5 images in a 3 x 2 grid, each 8 x 8 enlarged twice
+    assert Image.open(out).size == (3 * 20, 2 * 20)  # 5 images in a 3 x 2 grid, 8 x 8 enlarged twice, 2px frame
     assert main(["check-digits", "--num-images", "10"]) == 0
     assert "samples per digit" in capsys.readouterr().out
 

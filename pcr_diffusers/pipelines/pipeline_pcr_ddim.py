@@ -29,23 +29,24 @@ class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
+        max_memory: int | str | None = None,
     ) -> PCRImagePipelineOutput | tuple:
         r"""Generates images.
 
         Args:
             batch_size, generator, eta, num_inference_steps, use_clipped_model_output, output_type, return_dict:
                 as in `DDIMPipeline`.
-            parallel, tolerance, jacobian, max_rounds: as in `PCRDDPMPipeline`.
+            parallel, tolerance, jacobian, max_rounds, max_memory: as in `PCRDDPMPipeline`.
 
         Returns:
             `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
         """
         # 1. Check inputs, before any model call
-        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds)
+        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds, max_memory)
         self.check_generator(generator, batch_size)
         self.check_output_type(output_type)
         step_kwargs = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)}
@@ -64,6 +65,7 @@ class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
             tolerance=tolerance,
             jacobian=jacobian,
             max_rounds=max_rounds,
+            max_memory=max_memory,
             step_kwargs=step_kwargs,
         )
 

@@ -28,17 +28,19 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
+        max_memory: int | str | None = None,
     ) -> PCRImagePipelineOutput | tuple:
         r"""Generates images.
 
         Args:
             batch_size, generator, num_inference_steps, output_type, return_dict: as in `DDPMPipeline`.
-            parallel (`int`, defaults to 64): the window, how many consecutive steps each round evaluates in one
-                model call; 1 runs the plain sequential loop.
+            parallel (`int` or `"auto"`, defaults to 64): the window, how many consecutive steps each round
+                evaluates in one model call; 1 runs the plain sequential loop; `"auto"` the largest window that fits
+                the memory budget (see `max_memory`).
             tolerance (`float`, defaults to 3e-3): a step is accepted when its residual
                 `||Phi_i(x_i) - x_{i+1}||_inf` and its last Newton correction, relative to the state's size, are
                 within it; see `pcr_diffusers.sampling.denoise_parallel`. With the default, the shipped model's
@@ -48,12 +50,16 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
                 `pcr_diffusers.sampling.denoise_parallel`.
             max_rounds (`int`, *optional*): the most parallel rounds; the rest is finished sequentially (warned, and
                 recorded in `stats.sequential_steps`).
+            max_memory (`int` or `str`, *optional*): the memory sampling may use (bytes, or e.g. `"2GB"`); default:
+                the free CUDA memory or available RAM. With it or `parallel="auto"`, one probe step measures a
+                step's memory and the window is fitted to the budget (shrunk with a log message, never an
+                out-of-memory error from the window).
 
         Returns:
             `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
         """
         # 1. Check inputs, before any model call
-        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds)
+        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds, max_memory)
         self.check_generator(generator, batch_size)
         self.check_output_type(output_type)
 
@@ -71,6 +77,7 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
             tolerance=tolerance,
             jacobian=jacobian,
             max_rounds=max_rounds,
+            max_memory=max_memory,
         )
 
         # 4. Post-process

@@ -50,10 +50,11 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
+        max_memory: int | str | None = None,
         **kwargs,
     ) -> PCRStableDiffusionPipelineOutput | tuple:
         r"""Generates images from text.
@@ -63,7 +64,7 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type
             (`"pil"`, `"np"`, `"pt"` or `"latent"`), return_dict, cross_attention_kwargs, guidance_rescale,
             clip_skip: as in `StableDiffusionPipeline`.
-            parallel, tolerance, jacobian, max_rounds: the window solver's, as in `PCRDDPMPipeline`.
+            parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
             ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
                 supported (a clear error), as per-step callbacks have no place when the steps are solved together.
 
@@ -72,7 +73,9 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             `(images, nsfw_content_detected, stats)`.
         """
         # 1. Check inputs, before any model call
-        solver = dict(parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds)
+        solver = dict(
+            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
+        )
         self.check_text_to_image_inputs(
             num_inference_steps,
             output_type,

@@ -61,17 +61,18 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
+        max_memory: int | str | None = None,
     ) -> PCRImagePipelineOutput | tuple:
         r"""Generates images from text.
 
         Args:
             prompt ... max_sequence_length, mu: as in `StableDiffusion3Pipeline` (`output_type` one of `"pil"`,
                 `"np"`, `"pt"`, `"latent"`).
-            parallel, tolerance, jacobian, max_rounds: the window solver's, as in `PCRDDPMPipeline`.
+            parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
             ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, skip_guidance_layers: not supported
                 (a clear error); the other skip-layer arguments only apply with `skip_guidance_layers`.
 
@@ -79,7 +80,9 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
             `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
         """
         # 1. Check inputs, before any model call
-        solver = dict(parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds)
+        solver = dict(
+            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
+        )
         self.check_text_to_image_inputs(
             num_inference_steps,
             output_type,

@@ -61,10 +61,11 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
         *,
-        parallel: int = DEFAULT_PARALLEL,
+        parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
         jacobian: str = "auto",
         max_rounds: int | None = None,
+        max_memory: int | str | None = None,
         **kwargs,
     ) -> PCRImagePipelineOutput | tuple:
         r"""Generates images from text.
@@ -72,7 +73,7 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         Args:
             prompt ... negative_target_size, clip_skip: as in `StableDiffusionXLPipeline` (`output_type` one of
                 `"pil"`, `"np"`, `"pt"`, `"latent"`).
-            parallel, tolerance, jacobian, max_rounds: the window solver's, as in `PCRDDPMPipeline`.
+            parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
             ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
                 supported (a clear error).
 
@@ -80,7 +81,9 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
             `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
         """
         # 1. Check inputs, before any model call
-        solver = dict(parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds)
+        solver = dict(
+            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
+        )
         self.check_text_to_image_inputs(
             num_inference_steps,
             output_type,
