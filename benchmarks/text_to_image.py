@@ -12,9 +12,7 @@ and the largest difference to the sequential result, in [0, 1] pixels and relati
 model's chain is ill-conditioned: in float32, rounding alone moves the latents by ~1e-3 (pass `--dtype float64`
 to see the solvers' own error).
 
-Part 2, on CUDA only: a full-size SD 1.5 UNet built from its config with random weights, in float16: the time of
-one round (one UNet call on window x 2 rows, batch 1 with classifier-free guidance) against the window size, and the
-denoising steps per second it gives.
+The per-round throughput of a full-size SD 1.5 UNet against the window is in `benchmarks/throughput.py`.
 """
 
 import argparse
@@ -30,30 +28,18 @@ from diffusers import (
     DDPMScheduler,
     StableDiffusionParadigmsPipeline,
     StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 
 from pcr_diffusers.pipelines import PCRStableDiffusionPipeline
+from pcr_diffusers.sampling import DEFAULT_TOLERANCE
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import SD_SCHEDULER_CONFIG, tiny_stable_diffusion_components  # noqa: E402
 
 PROMPT = "a cat and a dog"
+
+
 # Stable Diffusion 1.5's UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), spelled out: no hub here.
-SD15_UNET_CONFIG = dict(
-    sample_size=64,
-    in_channels=4,
-    out_channels=4,
-    layers_per_block=2,
-    block_out_channels=(320, 640, 1280, 1280),
-    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=768,
-    attention_head_dim=8,
-    norm_num_groups=32,
-)
-
-
 class CountRows:
     """Counts a module's calls and the rows (batch size) of each."""
 
@@ -84,7 +70,7 @@ def compare_on_tiny_components(args):
     window = dict(parallel=args.parallel)
     methods = [
         ("sequential (diffusers, DDPM)", sequential, {}),
-        ("pcr, tolerance 1e-2 (default)", pcr, dict(window, tolerance=1e-2)),
+        (f"pcr, tolerance {DEFAULT_TOLERANCE:.0e} (default)", pcr, dict(window, tolerance=DEFAULT_TOLERANCE)),
         ("pcr, tolerance 1e-4", pcr, dict(window, tolerance=1e-4)),
         ("paradigms, tolerance 0.1 (default)", paradigms, dict(window, tolerance=0.1)),
         ("paradigms, tolerance 0.01", paradigms, dict(window, tolerance=0.01)),
@@ -120,30 +106,6 @@ def compare_on_tiny_components(args):
     )
 
 
-@torch.no_grad()
-def sd15_round_throughput(args):
-    """Per-round time of a full-size SD 1.5 UNet (random weights, float16) against the window size."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15_UNET_CONFIG).to(args.device, torch.float16).eval()
-    rows, base = [], None
-    for window in args.windows:
-        n = 2 * window  # classifier-free guidance, batch 1
-        x = torch.randn(n, 4, 64, 64, device=args.device, dtype=torch.float16)
-        t = torch.randint(0, 1000, (n,), device=args.device)
-        text = torch.randn(n, 77, 768, device=args.device, dtype=torch.float16)
-        try:
-            sec = seconds(
-                lambda x=x, t=t, text=text: unet(x, t, encoder_hidden_states=text), args.repeats, args.device
-            )
-        except torch.cuda.OutOfMemoryError:
-            rows.append([window, n, "out of memory", "", ""])
-            break
-        base = base or sec
-        rows.append([window, n, f"{sec * 1e3:.1f}", f"{window / sec:.1f}", f"{base * window / sec:.1f}x"])
-    print(f"\nSD 1.5 UNet (random weights, float16, 512x512), one round per window, on {device_name(args.device)}")
-    print_table(["window", "UNet rows", "ms per round", "steps / s", "steps / s vs window 1"], rows)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -151,17 +113,14 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--parallel", type=int, default=16, help="the window of both parallel samplers")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's); 1 is steadier on a busy machine")
-    parser.add_argument("--quick", action="store_true", help="25 steps, window 8, one timed run, windows up to 16")
+    parser.add_argument("--quick", action="store_true", help="25 steps, window 8, one timed run")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        args.steps, args.parallel, args.repeats, args.windows = 25, 8, 1, [w for w in args.windows if w <= 16]
+        args.steps, args.parallel, args.repeats = 25, 8, 1
     compare_on_tiny_components(args)
-    if torch.device(args.device).type == "cuda":
-        sd15_round_throughput(args)
 
 
 if __name__ == "__main__":
