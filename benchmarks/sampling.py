@@ -8,7 +8,8 @@ pcr-diffusers with each Jacobian, at the default window and tolerance.
 Columns: rounds (sequential batched model calls), model evaluations (single steps), wall-clock speed-up over the
 sequential pipeline (measured in this run), and the largest difference to the sequential image in [0, 1] pixels.
 `tradeoff.png` plots rounds against that error over a sweep of tolerances, one curve per method: the fair
-comparison, since each method's tolerance means something different.
+comparison, since each method's tolerance means something different. A last table times DDPM-1000 (batch 1,
+window 64) at two tolerances per method, fastest of 3 interleaved runs, for the wall-clock at matched error.
 """
 
 import argparse
@@ -164,6 +165,36 @@ def sweep(unet, config, out):
     print(f"wrote {out}")
 
 
+def matched_error_timing(unet, config, repeats=3):
+    """DDPM-1000, batch 1, window 64: wall-clock of ParaDiGMS and ours at two tolerances each, interleaved runs."""
+    setup = Setup(unet, config, "DDPM-1000", batch=1)
+    ref = setup.sequential()
+    methods = {"sequential (diffusers)": lambda: (setup.sequential(), 1000, 1000)}
+    for tol in (0.1, 0.3):
+        methods[f"ParaDiGMS, tol {tol}"] = lambda tol=tol: setup.paradigms(DEFAULT_PARALLEL, tol)
+    for tol in (3e-3, 1e-2):
+        methods[f"ours, secant, tol {tol:.0e}"] = lambda tol=tol: setup.ours("secant", DEFAULT_PARALLEL, tol)
+    best, results = {}, {}
+    for _ in range(repeats):
+        for label, run in methods.items():
+            results[label], t = timed(run)
+            best[label] = min(best.get(label, float("inf")), t)
+    seq = best["sequential (diffusers)"]
+    rows = [
+        [
+            label,
+            rounds,
+            evaluations,
+            f"{best[label]:.2f}",
+            f"{seq / best[label]:.1f}x",
+            f"{np.abs(images - ref).max():.1e}",
+        ]
+        for label, (images, rounds, evaluations) in results.items()
+    ]
+    print(f"\nDDPM-1000, batch 1, window {DEFAULT_PARALLEL}: fastest of {repeats} interleaved runs")
+    print_table(["method", "rounds", "model evals", "seconds", "speed-up", "max |diff|"], rows)
+
+
 def plot_speedups(speedups, out):
     labels = sorted({label for _, _, label in speedups}, key=lambda s: (not s.startswith("ours"), s))
     groups = sorted({(name, batch) for name, batch, _ in speedups}, key=lambda g: (g[1], list(CONFIGS).index(g[0])))
@@ -201,6 +232,7 @@ def main():
     speedups = table(pipe.unet, pipe.scheduler.config, args.configs, args.batch)
     plot_speedups(speedups, args.out)
     sweep(pipe.unet, pipe.scheduler.config, args.sweep_out)
+    matched_error_timing(pipe.unet, pipe.scheduler.config)
 
 
 if __name__ == "__main__":
