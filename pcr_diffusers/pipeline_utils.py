@@ -136,6 +136,34 @@ class PCRPipelineMixin:
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
 
+    def generate_unconditional(
+        self, batch_size, generator, num_inference_steps, output_type, return_dict, solver: dict, step_kwargs=None
+    ):
+        """The whole call of an unconditional pipeline (DDPM, DDIM) with the parent's loop solved in parallel.
+
+        `solver`: parallel, tolerance, jacobian, max_rounds, max_memory; `step_kwargs`: the scheduler step's extra
+        arguments (DDIM's `eta`, `use_clipped_model_output`).
+        """
+        # 1. Check inputs, before any model call
+        self.check_pcr_inputs(num_inference_steps, **solver)
+        self.check_generator(generator, batch_size)
+        self.check_output_type(output_type)
+
+        # 2. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order
+        scheduler = self.pcr_scheduler(num_inference_steps)
+        latents, noise = self.unconditional_latents(batch_size, generator, scheduler, self.unet.dtype, step_kwargs)
+
+        # 3. Denoise
+        model_fn = lambda x, t: self.unet(x, t).sample  # noqa: E731
+        image, stats = self.pcr_denoise(model_fn, scheduler, latents, noise, step_kwargs=step_kwargs, **solver)
+
+        # 4. Post-process
+        image = self.images_from_samples(image, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image, stats)
+        return PCRImagePipelineOutput(images=image, stats=stats)
+
     def unconditional_latents(self, batch_size, generator, scheduler, dtype, step_kwargs=None):
         """The initial latents and every step's noise, drawn from `generator` in the sequential loop's order."""
         sample_size = self.unet.config.sample_size

@@ -58,31 +58,9 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
         Returns:
             `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
         """
-        # 1. Check inputs, before any model call
-        self.check_pcr_inputs(num_inference_steps, parallel, tolerance, jacobian, max_rounds, max_memory)
-        self.check_generator(generator, batch_size)
-        self.check_output_type(output_type)
-
-        # 2. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order
-        scheduler = self.pcr_scheduler(num_inference_steps)
-        latents, noise = self.unconditional_latents(batch_size, generator, scheduler, self.unet.dtype)
-
-        # 3. Denoise
-        image, stats = self.pcr_denoise(
-            lambda x, t: self.unet(x, t).sample,
-            scheduler,
-            latents,
-            noise,
-            parallel=parallel,
-            tolerance=tolerance,
-            jacobian=jacobian,
-            max_rounds=max_rounds,
-            max_memory=max_memory,
+        solver = dict(
+            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
         )
-
-        # 4. Post-process
-        image = self.images_from_samples(image, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image, stats)
-        return PCRImagePipelineOutput(images=image, stats=stats)
+        return self.generate_unconditional(
+            batch_size, generator, num_inference_steps, output_type, return_dict, solver
+        )
