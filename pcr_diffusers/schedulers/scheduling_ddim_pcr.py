@@ -18,23 +18,22 @@ class PCRDDIMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDIMScheduler):
     def _step_table(self):
         if self.config.prediction_type not in PREDICTION_TYPES:
             raise self._unsupported("prediction_type", self.config.prediction_type, PREDICTION_TYPES)
-        rows = []
-        for timestep in self.timesteps:
-            prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
-            alpha_prod_t = self.alphas_cumprod[timestep]
-            alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-            beta_prod_t = 1 - alpha_prod_t
-            rows.append(
-                [
-                    alpha_prod_t ** (0.5),
-                    beta_prod_t ** (0.5),
-                    alpha_prod_t_prev,
-                    alpha_prod_t_prev ** (0.5),
-                    self._get_variance(timestep, prev_timestep),
-                ]
-            )
-        names = ("sqrt_alpha_prod", "sqrt_beta_prod", "alpha_prod_prev", "sqrt_alpha_prod_prev", "variance")
-        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+        # The base step's scalar arithmetic, elementwise over all timesteps at once (the same float ops).
+        t = self.timesteps
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = torch.where(
+            prev_t >= 0, self.alphas_cumprod[prev_t.clamp(min=0)], self.final_alpha_cumprod
+        )
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        return {
+            "sqrt_alpha_prod": alpha_prod_t ** (0.5),
+            "sqrt_beta_prod": beta_prod_t ** (0.5),
+            "alpha_prod_prev": alpha_prod_t_prev,
+            "sqrt_alpha_prod_prev": alpha_prod_t_prev ** (0.5),
+            "variance": (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev),
+        }
 
     def noise_mask(self, eta: float = 0.0, use_clipped_model_output: bool = False):
         return [eta > 0] * len(self.timesteps)

@@ -61,31 +61,33 @@ class PCRDDPMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDPMScheduler):
             raise self._unsupported("prediction_type", self.config.prediction_type, PREDICTION_TYPES)
         if self.config.variance_type not in VARIANCE_TYPES:
             raise self._unsupported("variance_type", self.config.variance_type, VARIANCE_TYPES)
-        rows = []
-        for t in self.timesteps:
-            prev_t = self.previous_timestep(t)
-            alpha_prod_t = self.alphas_cumprod[t]
-            alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.one
-            beta_prod_t = 1 - alpha_prod_t
-            beta_prod_t_prev = 1 - alpha_prod_t_prev
-            current_alpha_t = alpha_prod_t / alpha_prod_t_prev
-            current_beta_t = 1 - current_alpha_t
-            if t > 0:
-                variance = self._get_variance(t)
-                std = variance if self.config.variance_type == "fixed_small_log" else variance**0.5
-            else:
-                std = torch.tensor(0.0)
-            rows.append(
-                [
-                    alpha_prod_t ** (0.5),
-                    beta_prod_t ** (0.5),
-                    (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t,
-                    current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t,
-                    std,
-                ]
-            )
-        names = ("sqrt_alpha_prod", "sqrt_beta_prod", "x0_coeff", "sample_coeff", "std")
-        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+        # The base step's scalar arithmetic, elementwise over all timesteps at once (the same float ops, so the same
+        # numbers); `previous_timestep` would scan the timesteps once per step.
+        t = self.timesteps
+        if self.custom_timesteps or self.num_inference_steps:
+            prev_t = torch.cat([t[1:], t.new_tensor([-1])])
+        else:
+            prev_t = t - 1
+        alpha_prod_t = self.alphas_cumprod[t]
+        alpha_prod_t_prev = torch.where(prev_t >= 0, self.alphas_cumprod[prev_t.clamp(min=0)], self.one)
+        beta_prod_t = 1 - alpha_prod_t
+        beta_prod_t_prev = 1 - alpha_prod_t_prev
+        current_alpha_t = alpha_prod_t / alpha_prod_t_prev
+        current_beta_t = 1 - current_alpha_t
+        variance = torch.clamp((1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * current_beta_t, min=1e-20)
+        if self.config.variance_type == "fixed_small":
+            std = variance**0.5
+        elif self.config.variance_type == "fixed_small_log":
+            std = torch.exp(0.5 * torch.log(variance))
+        else:  # fixed_large
+            std = current_beta_t**0.5
+        return {
+            "sqrt_alpha_prod": alpha_prod_t ** (0.5),
+            "sqrt_beta_prod": beta_prod_t ** (0.5),
+            "x0_coeff": (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t,
+            "sample_coeff": current_alpha_t ** (0.5) * beta_prod_t_prev / beta_prod_t,
+            "std": torch.where(t > 0, std, 0.0),  # the base step draws and adds noise only for t > 0
+        }
 
     def noise_mask(self):
         return [bool(t > 0) for t in self.timesteps]
