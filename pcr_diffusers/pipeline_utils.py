@@ -132,9 +132,9 @@ class PCRPipelineMixin:
         return self.numpy_to_pil(image) if output_type == "pil" else image
 
     @staticmethod
-    def check_output_type(output_type: str) -> None:
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+    def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES) -> None:
+        if output_type not in allowed:
+            raise ValueError(f"`output_type` must be one of {allowed}, got {output_type!r}.")
 
     def generate_unconditional(
         self, batch_size, generator, num_inference_steps, output_type, return_dict, solver: dict, step_kwargs=None

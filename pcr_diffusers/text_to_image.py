@@ -110,8 +110,7 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         jacobian, max_rounds), the scheduler, `output_type`, and the parent's arguments that parallel sampling does
         not support (`unsupported`: name -> value, an error unless None)."""
         self.check_pcr_inputs(num_inference_steps, **solver)
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"`output_type` must be one of {OUTPUT_TYPES}, got {output_type!r}.")
+        self.check_output_type(output_type, OUTPUT_TYPES)
         for name, value in unsupported.items():
             if value is not None:
                 parent = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
