@@ -21,9 +21,9 @@ from .schedulers import PCRSchedulerMixin
 logger = logging.getLogger(__name__)
 
 # Measured on the shipped digits model on 2 CPU cores (benchmarks/sampling.py): for DDPM-1000 at batch 1, windows of
-# 32 to 128 ran within timing noise of each other and 64 needs fewer rounds than 32; tolerance 3e-3 kept every
-# image of batches of 16 within 2.8e-3 of the sequential one in [0, 1] pixels (less than one 8-bit gray level) for
-# DDPM-1000, DDIM-50/100, Euler-50 and Euler ancestral-50.
+# 32 to 128 ran within timing noise of each other and 64 needs fewer rounds than 32. With tolerance 3e-3 (per step
+# 3e-3 / sqrt(N), see `step_tolerances`) the images stayed within 1.2e-3 of the sequential ones in [0, 1] pixels
+# (a third of an 8-bit gray level) for DDPM-1000 and DDIM-50 at batches 1 and 16, windows 16 to N.
 DEFAULT_PARALLEL = 64
 DEFAULT_TOLERANCE = 3e-3
 
@@ -249,6 +249,31 @@ def diffusion_jacobian(jacobian: "str | Jacobian") -> Jacobian:
     return DIFFUSION_JACOBIANS[jacobian]()
 
 
+def step_tolerances(tolerance: float, scale: torch.Tensor) -> torch.Tensor:
+    """The per-step tolerances `(N,)` of a chain of N steps for a requested `tolerance`: `tolerance * scale_i /
+    sqrt(N)`.
+
+    `scale_i` is the typical size of the state after step i (`state_scale`). Each accepted step may be off by up
+    to its tolerance, and the final sample's error is their sum carried through the later steps; divided by
+    `sqrt(N)`, N such errors of random sign add up to about `tolerance` (most steps carry an error to the end
+    nearly unchanged: measured on the shipped model, except the first quarter of DDPM's steps, which damp it).
+    """
+    return tolerance * scale / len(scale) ** 0.5
+
+
+def warn_unreachable_tolerance(tolerance: float, num_steps: int, model_dtype: torch.dtype) -> None:
+    """Warns when the per-step tolerance is below a tenth of the precision the model computes in: its rounding
+    noise alone can then keep steps from being accepted, and sampling may take up to one round per step."""
+    precision = torch.finfo(model_dtype).eps
+    if tolerance / num_steps**0.5 < 0.1 * precision:
+        logger.warning(
+            f"`tolerance`={tolerance:g} asks each of the {num_steps} steps for {tolerance / num_steps**0.5:.1e} of "
+            f"the state's size, below a tenth of the model's {model_dtype} precision ({precision:.1e}): rounding "
+            f"noise may keep steps from being accepted, up to one round per step. A `tolerance` of at least "
+            f"{0.1 * precision * num_steps**0.5:.1e} avoids this."
+        )
+
+
 def check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory=None) -> None:
     """Raises a clear `ValueError` for bad parallel-sampling arguments (before any model call)."""
     if parallel != "auto" and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
@@ -286,17 +311,19 @@ def denoise_parallel(
     Each round evaluates the model once on a window of `parallel` consecutive steps (times the batch), solves the
     linearised window with `pcr_solve`, and slides past the accepted steps; steps entering the window start from
     `DenoisingChain.extend`, a rollout with the model's latest denoised prediction held fixed. A step is accepted
-    when it and all steps before it have both their residual `||Phi_i(x_i) - x_{i+1}||_inf` and their last Newton
-    correction within `tolerance * scale_{i+1}` (`scale` is 1, or `sqrt(sigma^2 + 1)` for Euler-type schedulers):
-    the residual bounds how far the result is from an exact sequential trajectory step by step, the correction how
-    far the iterate still moves, so one tolerance means a comparable accuracy whatever the `jacobian`. After
-    `max_rounds` rounds the remaining steps are finished one at a time (warned, and recorded in the stats).
+    only on its residual `||Phi_i(x_i) - x_{i+1}||_inf` evaluated at its final input `x_i`, within its tolerance
+    `tolerance * scale_{i+1} / sqrt(N)` (`step_tolerances`; `scale` is 1, or `sqrt(sigma^2 + 1)` for Euler-type
+    schedulers), and with its Newton correction within it too (`newton_solve` gives the rule and its proof). So
+    whenever `converged` is True the result is an exact sequential trajectory up to those per-step errors, whatever
+    the `jacobian`. After `max_rounds` rounds the remaining steps are finished one at a time (warned, and recorded
+    in the stats).
 
     Args:
         chain: the denoising chain (model, scheduler after `set_timesteps`, pre-drawn noise).
         latents: the initial latents `(B, C, H, W)`, already scaled by `init_noise_sigma`.
         parallel: the window size (steps per round), or `"auto"`: the largest window that fits the memory budget.
-        tolerance: the per-step tolerance, relative to the state's size.
+        tolerance: how far the result may be from the sequential one, relative to the state's size: about the
+            largest difference in the final sample (see `step_tolerances`).
         jacobian: `"auto"` (the default: currently `"secant"`, which converged in the fewest rounds in our
             benchmarks), `"secant"` (`DiffusionSecant`: per-element secant slopes from the iterate history, kept
             between the next two), `"denoiser"` (`DenoiserJacobian`: the step's coefficient with the denoised
@@ -313,8 +340,9 @@ def denoise_parallel(
     check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     num_steps = len(chain)
     probes = int(parallel == "auto" or max_memory is not None)
-    window = fit_window(chain, latents, parallel, max_memory) if probes else parallel
-    scale = chain.scheduler.state_scale(torch.arange(num_steps))
+    window = min(fit_window(chain, latents, parallel, max_memory) if probes else parallel, num_steps)
+    tols = step_tolerances(tolerance, chain.scheduler.state_scale(torch.arange(num_steps)))
+    warn_unreachable_tolerance(tolerance, num_steps, chain.model_dtype or latents.dtype)
 
     def callback(num_iters, num_accepted, residual):
         if progress_bar is not None:
@@ -326,7 +354,7 @@ def denoise_parallel(
         latents,
         num_steps,
         jacobian=diffusion_jacobian(jacobian),
-        tol=tolerance * scale,
+        tol=tols,
         max_iters=max_rounds,
         window=window,
         extend=chain.extend,

@@ -1,4 +1,5 @@
 import json
+import os
 from functools import partial
 from pathlib import Path
 
@@ -13,8 +14,15 @@ from diffusers import (
     UNet2DConditionModel,
     UNet2DModel,
 )
+from hypothesis import settings
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+# Property-based tests draw the same examples on every run by default, so CI is repeatable;
+# `HYPOTHESIS_PROFILE=explore pytest tests/test_acceptance.py` draws fresh ones.
+settings.register_profile("repeatable", derandomize=True, deadline=None)
+settings.register_profile("explore", derandomize=False, deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_TOKENS = 16

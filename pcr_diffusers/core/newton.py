@@ -1,6 +1,5 @@
 """Newton's method over all states of a chain `x_l = f_l(x_{l-1})` at once, each linear solve done by PCR."""
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -70,15 +69,22 @@ def newton_solve(
     with `pcr_solve`, and updates `x_l += d_l`. With exact Jacobians this is Newton's method and converges
     quadratically; `J = I` is Picard iteration and `J = 0` the plain fixed-point sweep.
 
-    Convergence: a step is accepted when it and every step before it have both their residual and their Newton
-    update within tolerance, `max(||r_l||_inf, ||d_l||_inf) <= tol_l` (largest absolute entry over the state), and
-    the window slides past accepted steps; the returned states are the evaluated iterate plus its update. The
-    residual bounds the backward error (the state is an exact step from its predecessor up to `tol`); the update
-    estimates the forward error of the iterate. Testing the update alone under-reports the error of a poor
-    Jacobian, and the residual alone that of a good one (its updates move far); together they make one `tol`
-    give a comparable accuracy for every Jacobian. The first step of the window has a fixed input, so it is set
-    to `F_l` and accepted: after k iterations the first k states are exact, and `max_iters=num_steps` (the
-    default) always reproduces the sequential chain.
+    Acceptance, and what it guarantees. A step's residual only says something about the state that is returned if
+    it was evaluated at the input that is returned with it. So a step is accepted only on a residual evaluated at
+    its final input: in each iteration the leading steps of the window whose residual `||r_l||_inf` and Newton
+    update `||d_l||_inf` are both within `tol_l` keep their states unchanged (so the input each was evaluated at is
+    final, and so is its residual), and the step after them, whose input is now final, is set to its exact value
+    `F_l`; all of these are accepted, the later steps get the Newton update from that corrected start, and the
+    window slides past the accepted steps. Hence every accepted state satisfies
+
+        ||f_l(x_{l-1}) - x_l||_inf <= tol_l        (backward error; 0 for the steps set to F_l)
+
+    at the returned `x_{l-1}`, whatever the Jacobian, and the returned chain is within
+    `sum_l tol_l prod_{m > l} Lip(f_m)` of the sequential one (inf-norm; `Lip` the steps' Lipschitz constants).
+    The update test is the calibration on top: it estimates each state's forward error from the window's
+    residuals, so that one `tol` means a comparable accuracy for every Jacobian. Every iteration accepts at least
+    one step (the window's first input is final), so after k iterations the first k states are within tolerance,
+    and `max_iters=num_steps` (the default) always finishes. Each iteration reads device values once.
 
     Args:
         step: `step(ls, x_prev)` evaluates `f_l` for many steps at once: `ls` a LongTensor of 0-based step indices
@@ -139,20 +145,26 @@ def newton_solve(
             fx, A = jac.evaluate(step, ls, x_prev)
             num_iters += 1
             num_evaluations += end - start
-            r = fx - states[start:end]
+            r = fx - states[start:end]  # (n, *state), each step's residual at the input it was evaluated at
             step_residuals = r.reshape(end - start, -1).abs().amax(1)  # (n,)
-            residuals.append(step_residuals.max().item())
-            if not math.isfinite(residuals[-1]) or not bool(torch.isfinite(A).all()):
+            # The leading steps within tolerance keep their states, so their inputs, and with them their
+            # residuals, stay as evaluated; the next step's input is then final, and it takes its exact value.
+            full = pcr_solve(A, r, torch.zeros_like(x0), structure=jac.structure, check_finite=False)
+            step_updates = full.reshape(end - start, -1).abs().amax(1)
+            k = (torch.maximum(step_residuals, step_updates) <= tols[start:end]).cumprod(0).sum()  # NaN: outside
+            is_k = (ls - start == k).reshape(-1, *([1] * x0.ndim))  # (n, 1, ..., 1)
+            before_k = ls - start < k
+            b = torch.where(before_k.reshape(is_k.shape), 0, r)  # no correction before step k, r_k at step k
+            update = pcr_solve(A, b, torch.zeros_like(x0), structure=jac.structure, check_finite=False)
+            finite = torch.isfinite(r).all() & torch.isfinite(A).all() & torch.isfinite(update).all()
+            # the round's one read of device values
+            k, max_residual, finite = torch.stack([k.to(r.dtype), step_residuals.max(), finite.to(r.dtype)]).tolist()
+            residuals.append(max_residual)
+            if not finite:
+                start += int(k)  # these steps were accepted on finite residuals; the rest is left as it was
                 break
-            update = pcr_solve(A, r, torch.zeros_like(x0), structure=jac.structure, check_finite=False)  # checked
-            if not bool(torch.isfinite(update).all()):
-                break
-            states[start:end] += update
-            states[start] = fx[0]  # its input is final, so this step is exact
-            step_updates = update.reshape(end - start, -1).abs().amax(1)
-            ok = torch.maximum(step_residuals, step_updates) <= tols[start:end]
-            ok[0] = True
-            new_start = start + int(ok.cumprod(0).sum())
+            states[start:end] = torch.where(is_k, fx, states[start:end] + update)
+            new_start = min(start + int(k) + 1, end)
             new_end = min(new_start + window, num_steps)
             if new_end > end and extend is not None:
                 states[end:new_end] = extend(torch.arange(end, new_end, device=x0.device), states[end - 1])
