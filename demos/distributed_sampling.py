@@ -4,7 +4,8 @@
     accelerate launch --num_processes 2 demos/distributed_sampling.py --out digits_2proc.png  # e.g. one GPU each
 
 Every process builds the same pipeline and passes the same seed. The process group is initialised from the
-launcher's environment (both launchers set WORLD_SIZE, RANK, LOCAL_RANK); the pipeline sees it and splits each
+launcher's environment (both launchers set WORLD_SIZE, RANK, LOCAL_RANK): nccl with a GPU per process when the machine
+has one for each of its processes, else gloo on the CPU. The pipeline sees the group and splits each
 round's batched model call across the processes, all-gathers the outputs and runs the (cheap) PCR solve on every
 process, so all of them compute the same images. Rank 0 saves them. Run it without a launcher for one process.
 """
@@ -33,10 +34,15 @@ def main():
     args = parser.parse_args()
 
     world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    # a GPU per process (nccl) when this machine has one for each of its processes, else all on the CPU (gloo)
+    on_gpu = torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    if on_gpu:
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else "cpu"
     pipeline_class = PCRDDIMPipeline if args.scheduler == "ddim" else PCRDDPMPipeline
     pipe = pipeline_class.from_pipe(load_digits_pipeline(args.scheduler)).to(device)
     kwargs = {} if args.tolerance is None else {"tolerance": args.tolerance}

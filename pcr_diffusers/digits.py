@@ -78,6 +78,8 @@ def train_digits(
 
     AdamW with warm-up and cosine decay; the saved weights are an exponential moving average of the trained ones.
     """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 10:
+        raise ValueError(f"`steps` must be an int of at least 10 (the warm-up is a tenth of the run), got {steps!r}.")
     torch.manual_seed(seed)
     images, _ = load_digits_data()
     unet = digits_unet()

@@ -1,45 +1,41 @@
 """What every pcr-diffusers pipeline shares: argument checks, the PCR scheduler, noise drawn like the sequential
-pipeline, the denoising loop (parallel or sequential) with its progress bar, and the output with statistics.
+pipeline, the denoising loop (parallel or sequential) with its progress bar, the parent's output with statistics,
+and saving a folder that `DiffusionPipeline.from_pretrained` reloads as the same pipeline.
 
 Pipelines combine `PCRPipelineMixin` with the diffusers pipeline they stand in for, so prompt encoding, latents
-preparation and decoding stay the parent's; only the denoising loop changes.
+preparation and decoding stay the parent's; only the denoising loop changes. A call works on its own shallow copy of
+the pipeline (`for_call`), with its own scheduler twin: the parents keep per-call state on the pipeline (guidance
+scale, timesteps, `init_noise_sigma`), which two threads calling one pipeline would otherwise overwrite.
 """
 
+import copy
+import importlib
+import json
+import threading
+import weakref
 from contextlib import nullcontext
-from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
-import PIL.Image
 import torch
 import torch.distributed as dist
 from diffusers.pipelines import pipeline_utils as diffusers_pipeline_utils
-from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .sampling import (
     DenoisingChain,
+    ParallelOptions,
     SamplingStats,
-    check_parallel_args,
     default_process_group,
     denoise_parallel,
     denoise_sequential,
+    is_positive_int,
 )
 from .schedulers import PCRScheduler, PCRSchedulerMixin
 
-OUTPUT_TYPES = ("pil", "np", "pt")
-
-
-@dataclass
-class PCRImagePipelineOutput(ImagePipelineOutput):
-    """`images` as diffusers returns them, plus how the denoising loop ran.
-
-    Args:
-        images: a list of PIL images, a numpy array `(B, H, W, C)` or a tensor `(B, C, H, W)`.
-        stats: `SamplingStats` (rounds, model evaluations, converged, per-round residuals).
-    """
-
-    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
-    stats: SamplingStats | None = None
+# The module a saved folder names: `DiffusionPipeline.from_pretrained` imports the pipeline class from it.
+SAVED_MODULE = "pcr_pipeline"
+_last_stats = threading.local()  # per thread: pipeline -> the SamplingStats of its last call in this thread
 
 
 class PCRPipelineMixin:
@@ -57,28 +53,76 @@ class PCRPipelineMixin:
             kwargs["dtype" if hasattr(diffusers_pipeline_utils, "_resolve_dtype") else "torch_dtype"] = pipeline.dtype
         return super().from_pipe(pipeline, **kwargs)
 
-    def check_pcr_inputs(
-        self, num_inference_steps, parallel, tolerance, jacobian, max_rounds, max_memory=None
-    ) -> None:
-        """Raises a clear `ValueError` for bad arguments or an unsupported scheduler, before any model call."""
-        steps = num_inference_steps
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive int, got {steps!r}.")
-        check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
+    @property
+    def stats(self) -> SamplingStats | None:
+        """How the last call of this pipeline in the current thread ran (rounds, model evaluations, convergence):
+        the same object as the output's `.stats`, and available after `return_dict=False` too. Per thread, so
+        concurrent calls each see their own."""
+        return getattr(_last_stats, "table", {}).get(self)
+
+    def for_call(self, scheduler: PCRSchedulerMixin):
+        """A shallow copy of the pipeline for one call, sharing every model, with `scheduler` as its scheduler.
+
+        The parent's methods (`prepare_latents`, `encode_prompt`, ...) run on the copy unchanged, and whatever they
+        or we store on it (guidance scale, timesteps) stays with this call.
+        """
+        pipe = copy.copy(self)
+        pipe._pcr_caller = self
+        object.__setattr__(pipe, "scheduler", scheduler)  # not through __setattr__: the shared config stays
+        return pipe
+
+    def pcr_output(self, output: BaseOutput, stats: SamplingStats, return_dict: bool):
+        """Frees the model hooks as the parent does, records `stats` (on the output and `pipeline.stats`), and
+        returns the parent's output, or the parent's tuple (None kept: StableDiffusionPipeline's tuple has
+        `nsfw_content_detected` even when None, which `BaseOutput.to_tuple` would drop)."""
+        self.maybe_free_model_hooks()
+        caller = getattr(self, "_pcr_caller", self)
+        for name, value in vars(self).items():  # what the parent leaves readable after a call (`num_timesteps`, ...)
+            if name not in ("scheduler", "_pcr_caller") and vars(caller).get(name) is not value:
+                object.__setattr__(caller, name, value)
+        if not hasattr(_last_stats, "table"):
+            _last_stats.table = weakref.WeakKeyDictionary()
+        _last_stats.table[caller] = stats
+        if not return_dict:
+            return tuple(getattr(output, name) for name in output.__dataclass_fields__)
+        output.stats = stats  # an attribute, not a field: the output unpacks and indexes like the parent's
+        return output
+
+    @staticmethod
+    def check_num_inference_steps(num_inference_steps, custom_schedule: bool = False) -> int | None:
+        """A positive int of any integral type, or None where custom `timesteps`/`sigmas` set the schedule."""
+        if num_inference_steps is None and custom_schedule:
+            return None
+        if not is_positive_int(num_inference_steps):
+            allowed = "a positive int" + (", or None with custom `timesteps` or `sigmas`" if custom_schedule else "")
+            raise ValueError(f"`num_inference_steps` must be {allowed}, got {num_inference_steps!r}.")
+        return int(num_inference_steps)
+
+    def check_scheduler(self) -> None:
+        """The scheduler's twin exists: a clear error otherwise, before any model call."""
         PCRScheduler.from_scheduler(self.scheduler)
 
     @staticmethod
     def check_generator(generator, batch_size: int) -> None:
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"You have passed a list of generators of length {len(generator)}, but requested an effective batch "
-                f"size of {batch_size}. Make sure the batch size matches the length of the generators."
+        if isinstance(generator, list):
+            if len(generator) != batch_size:
+                raise ValueError(
+                    f"You have passed a list of generators of length {len(generator)}, but requested an effective "
+                    f"batch size of {batch_size}. Make sure the batch size matches the length of the generators."
+                )
+            bad = [g for g in generator if not isinstance(g, torch.Generator)]
+        else:
+            bad = [] if generator is None or isinstance(generator, torch.Generator) else [generator]
+        if bad:
+            raise TypeError(
+                f"`generator` must be a torch.Generator, a list of them or None, got {type(bad[0]).__name__}."
             )
 
     def pcr_scheduler(self, num_inference_steps: int, device=None, **set_timesteps_kwargs) -> PCRSchedulerMixin:
-        """The PCR twin of `self.scheduler`, with its timesteps set as the sequential pipeline sets them."""
+        """A new PCR twin of `self.scheduler`, with its timesteps set as the sequential pipeline sets them."""
         scheduler = PCRScheduler.from_scheduler(self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device, **set_timesteps_kwargs)
+        scheduler.host_table()  # a configuration the batched step cannot follow fails here, before any model call
         return scheduler
 
     def pcr_denoise(
@@ -87,16 +131,13 @@ class PCRPipelineMixin:
         scheduler: PCRSchedulerMixin,
         latents: torch.Tensor,
         noise: torch.Tensor | None,
-        *,
-        parallel: int | str,
-        tolerance: float,
-        jacobian,
-        max_rounds: int | None,
-        max_memory: int | str | None = None,
+        options: ParallelOptions,
         step_kwargs: dict | None = None,
+        steps: range | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
-        """The denoising loop: parallel over windows of `parallel` steps, or the plain loop when `parallel == 1`.
+        """The denoising loop: parallel over windows of `options.parallel` steps, or the plain loop for 1.
 
+        `steps`: the positions of the schedule to run (default all; see `DenoisingChain`).
         Precision: a float16 or bfloat16 model runs in its dtype, but the solver's states, residuals and the
         scheduler's steps are float32 (and so are those of the sequential loop, `parallel=1`); the latents and noise
         are drawn in the model's dtype as the parent pipeline draws them, and the result is returned in it.
@@ -105,25 +146,50 @@ class PCRPipelineMixin:
         """
         model_dtype = latents.dtype
         solver_dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
-        noise = None if noise is None else noise.to(solver_dtype)
-        chain = DenoisingChain(model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype)
-        denoise = denoise_sequential if parallel == 1 else denoise_parallel
+        noise = None if noise is None else noise.to(latents.device, solver_dtype)
+        chain = DenoisingChain(model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype, steps=steps)
+        denoise = denoise_sequential if options.parallel == 1 else denoise_parallel
         main_process = default_process_group() is None or dist.get_rank() == 0
         with self.progress_bar(total=len(chain)) if main_process else nullcontext() as progress_bar:
-            latents, stats = denoise(
-                chain,
-                latents.to(solver_dtype),
-                parallel=parallel,
-                tolerance=tolerance,
-                jacobian=jacobian,
-                max_rounds=max_rounds,
-                max_memory=max_memory,
-                progress_bar=progress_bar,
-            )
+            latents, stats = denoise(chain, latents.to(solver_dtype), **options.as_kwargs(), progress_bar=progress_bar)
         return latents.to(model_dtype), stats
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """`DiffusionPipeline.from_pretrained`; a folder saved by a pcr-diffusers pipeline loads without
+        `trust_remote_code`, as its one module file is checked to be our own import line, word for word (any other
+        code in the folder still needs the flag)."""
+        folder = Path(pretrained_model_name_or_path)
+        if (folder / "model_index.json").is_file() and (folder / f"{SAVED_MODULE}.py").is_file():
+            class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
+            if isinstance(class_name, list) and class_name[0] == SAVED_MODULE:
+                pipeline_class = getattr(importlib.import_module("pcr_diffusers.pipelines"), class_name[1], None)
+                if pipeline_class is not None and (folder / f"{SAVED_MODULE}.py").read_text() == _saved_module(
+                    pipeline_class
+                ):
+                    kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`DiffusionPipeline.save_pretrained`, plus what reloads the folder as this pipeline class.
+
+        diffusers looks a saved pipeline's class up in its own module; a folder whose `_class_name` names a module
+        file beside it is loaded from that file instead (diffusers' custom pipelines). We write a `pcr_pipeline.py`
+        that only imports this class from the installed `pcr_diffusers`, so
+        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` and `ThisClass.from_pretrained(folder)`
+        return this pipeline.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        (folder / f"{SAVED_MODULE}.py").write_text(_saved_module(type(self)))
+        index = folder / "model_index.json"
+        config = json.loads(index.read_text())
+        config["_class_name"] = [SAVED_MODULE, type(self).__name__]
+        index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
     def images_from_samples(self, image: torch.Tensor, output_type: str):
-        """`[-1, 1]` samples to `[0, 1]` images as `output_type` (`"pil"`, `"np"` or `"pt"`), as DDPMPipeline does."""
+        """`[-1, 1]` samples to `[0, 1]` images as `DDPMPipeline` returns them: a tensor `(B, C, H, W)` for `"pt"`,
+        PIL images for `"pil"`, else numpy `(B, H, W, C)`."""
         image = (image / 2 + 0.5).clamp(0, 1)
         if output_type == "pt":
             return image
@@ -131,23 +197,20 @@ class PCRPipelineMixin:
         image = (image.float() if image.dtype == torch.bfloat16 else image).numpy()  # numpy has no bfloat16
         return self.numpy_to_pil(image) if output_type == "pil" else image
 
-    @staticmethod
-    def check_output_type(output_type: str, allowed: tuple[str, ...] = OUTPUT_TYPES) -> None:
-        if output_type not in allowed:
-            raise ValueError(f"`output_type` must be one of {allowed}, got {output_type!r}.")
-
     def generate_unconditional(
-        self, batch_size, generator, num_inference_steps, output_type, return_dict, solver: dict, step_kwargs=None
+        self, batch_size, generator, num_inference_steps, output_type, return_dict, options, step_kwargs=None
     ):
         """The whole call of an unconditional pipeline (DDPM, DDIM) with the parent's loop solved in parallel.
 
-        `solver`: parallel, tolerance, jacobian, max_rounds, max_memory; `step_kwargs`: the scheduler step's extra
-        arguments (DDIM's `eta`, `use_clipped_model_output`).
+        `options`: the `ParallelOptions`; `step_kwargs`: the scheduler step's extra arguments (DDIM's `eta`,
+        `use_clipped_model_output`).
         """
         # 1. Check inputs, before any model call
-        self.check_pcr_inputs(num_inference_steps, **solver)
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps)
+        if not is_positive_int(batch_size):
+            raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+        batch_size = int(batch_size)
         self.check_generator(generator, batch_size)
-        self.check_output_type(output_type)
 
         # 2. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order
         scheduler = self.pcr_scheduler(num_inference_steps)
@@ -155,14 +218,11 @@ class PCRPipelineMixin:
 
         # 3. Denoise
         model_fn = lambda x, t: self.unet(x, t).sample  # noqa: E731
-        image, stats = self.pcr_denoise(model_fn, scheduler, latents, noise, step_kwargs=step_kwargs, **solver)
+        image, stats = self.pcr_denoise(model_fn, scheduler, latents, noise, options, step_kwargs=step_kwargs)
 
-        # 4. Post-process
-        image = self.images_from_samples(image, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (image, stats)
-        return PCRImagePipelineOutput(images=image, stats=stats)
+        # 4. Post-process, as the parent does
+        output = diffusers_pipeline_utils.ImagePipelineOutput(images=self.images_from_samples(image, output_type))
+        return self.pcr_output(output, stats, return_dict)
 
     def unconditional_latents(self, batch_size, generator, scheduler, dtype, step_kwargs=None):
         """The initial latents and every step's noise, drawn from `generator` in the sequential loop's order."""
@@ -175,3 +235,11 @@ class PCRPipelineMixin:
         latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # flow matching has none
         noise = scheduler.draw_noise(shape, generator=generator, device=device, dtype=dtype, **(step_kwargs or {}))
         return latents, noise
+
+
+def _saved_module(pipeline_class) -> str:
+    """The module file a saved folder names as its pipeline's: one import from the installed pcr-diffusers."""
+    return (
+        f'"""A {pipeline_class.__name__} from pcr-diffusers (pip install pcr-diffusers)."""\n\n'
+        f"from pcr_diffusers.pipelines import {pipeline_class.__name__}  # noqa: F401\n"
+    )

@@ -7,8 +7,10 @@ Every pipeline of pcr-diffusers runs its denoising loop through these two functi
 """
 
 import logging
+import math
+import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.distributed as dist
@@ -58,33 +60,70 @@ def default_process_group():
 
 
 class ShardedModel:
-    """`model_fn` with each batched call split across the processes of a `torch.distributed` group.
+    """`model_fn` with each batched call split across the processes of a `torch.distributed` group, on whole steps.
 
-    Rank r evaluates rows `[r * k, (r + 1) * k)` of the `n` rows (`k = ceil(n / world_size)`), and the outputs are
-    all-gathered, so every rank gets the whole batch and the solver runs identically everywhere. Works with gloo
-    (CPU) and nccl (GPU); launch with `torchrun` or `accelerate launch`.
+    A call's rows are `n` steps of `rows_per_step` rows each, step-major (`x` `(n * B, C, H, W)`, `t` `(n * B,)`, as
+    `DenoisingChain` passes them). Rank r evaluates steps `[r * k, (r + 1) * k)` (`k = ceil(n / world_size)`), so a
+    model that needs a step's B rows together (`GuidedModel`) gets them; the outputs, padded to `k` steps, are
+    all-gathered, so every rank gets the whole output in step order and the solver runs identically everywhere.
+    Every rank takes part in every call, also one with no step of its own (fewer steps than processes). Works with
+    gloo (CPU) and nccl (GPU, one device per process); launch with `torchrun` or `accelerate launch`.
+
+    Args:
+        model_fn: `model_fn(x, t)` as `DenoisingChain` takes it.
+        group: the `torch.distributed` group; None for the default group.
+        rows_per_step: `B`, the rows of one step; `DenoisingChain` sets it to its states' batch.
     """
 
-    def __init__(self, model_fn: Callable, group=None):
+    def __init__(self, model_fn: Callable, group=None, rows_per_step: int = 1):
         self.model_fn = model_fn
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
+        self.rows_per_step = rows_per_step
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        n = x.shape[0]
-        rows = -(-n // self.world_size)
-        start = min(self.rank * rows, n)
-        stop = min(start + rows, n)
-        if stop == start:  # more ranks than rows: evaluate row 0 to learn the output's shape, then drop it
-            out = self.model_fn(x[:1], t[:1])[:0]
+        rows = self.rows_per_step
+        if x.shape[0] % rows or t.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"`ShardedModel` takes whole steps of `rows_per_step`={rows} rows, got `x` of {x.shape[0]} rows and "
+                f"`t` of {t.shape[0]}."
+            )
+        self.check_same_inputs(x, t)
+        n = x.shape[0] // rows
+        steps = -(-n // self.world_size)
+        start = min(self.rank * steps, n)
+        stop = min(start + steps, n)
+        if stop == start:  # no step here: evaluate step 0 to learn the output's shape and dtype, then drop it
+            out = self.model_fn(x[:rows], t[:rows])[:0]
         else:
-            out = self.model_fn(x[start:stop], t[start:stop])
-        padded = out.new_zeros(rows, *out.shape[1:])
+            out = self.model_fn(x[start * rows : stop * rows], t[start * rows : stop * rows])
+        padded = out.new_zeros(steps * rows, *out.shape[1:])  # all_gather needs the same shape on every rank
         padded[: len(out)] = out
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(gathered, padded.contiguous(), group=self.group)
-        return torch.cat(gathered)[:n]  # only trailing ranks are short, so the first n rows are in order
+        return torch.cat(gathered)[: n * rows]  # only trailing ranks are short, so the first n steps are in order
+
+    def check_same_inputs(self, x: torch.Tensor, t: torch.Tensor) -> None:
+        """Raises on every rank at once when the ranks' inputs differ, where the sharded call would otherwise mix
+        different trajectories, or wait forever for a rank whose solver has stopped. Compares the number of rows and
+        the norms of `t` and `x` (l1 and l2), gathered from every rank, within a relative `1e-5` (ranks may round
+        differently)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # half precision sums would overflow
+        norms = [torch.linalg.vector_norm(x, order, dtype=dtype).float() for order in (1, 2)]
+        t_norm = t.float().abs().sum().to(x.device)
+        fingerprint = torch.stack([x.new_tensor(len(x), dtype=torch.float32), t_norm, *norms])
+        gathered = [torch.empty_like(fingerprint) for _ in range(self.world_size)]
+        dist.all_gather(gathered, fingerprint, group=self.group)
+        gathered = torch.stack(gathered).cpu()  # (world_size, 4), the same on every rank
+        differ = ((gathered - gathered[0]).abs() > 1e-5 * gathered.amax(0)).any(1)
+        if differ.any():
+            raise ValueError(
+                f"The processes of the group called the model on different inputs (ranks "
+                f"{differ.nonzero().flatten().tolist()} differ from rank 0): every process must pass the same "
+                f"arguments and generator seeds, and seed the global RNG identically (`torch.manual_seed`) where the "
+                f"scheduler draws from it, e.g. `FlowMatchEulerDiscreteScheduler(stochastic_sampling=True)`."
+            )
 
 
 class DenoisingChain:
@@ -96,13 +135,17 @@ class DenoisingChain:
             guidance and conditioning live inside it. Its output is cast to the states' dtype, so the model may run
             in half precision while the solver works in float32.
         scheduler: a PCR scheduler after `set_timesteps`.
-        noise: `(N, B, C, H, W)` from `scheduler.draw_noise`, or None.
+        noise: `(N, B, C, H, W)` from `scheduler.draw_noise(..., steps=steps)`, on the states' device, or None when
+            no step draws noise.
         step_kwargs: extra arguments of the scheduler's step (DDIM's `eta`, `use_clipped_model_output`).
         process_group: split every model call across this `torch.distributed` group (`ShardedModel`); default: the
             default group when `torch.distributed` is initialised with several processes. Every process must pass
             the same inputs (same generator seeds); all then compute the same result. `False` turns sharding off.
         model_dtype: the dtype the model runs in, when it differs from the states' (e.g. a float16 model with
             float32 states): its inputs are cast to it and its outputs back to the states' dtype.
+        steps: the positions in the scheduler's `timesteps` that the chain runs, a `range` with step 1: the chain's
+            step l is the schedule's step `steps[l]`. Default: all of them; img2img starts later, SDXL's
+            `denoising_end` stops earlier, and the scheduler's tables stay those of the whole schedule.
 
     The chain remembers the last step it evaluated (its input and model output): `extend` predicts the steps after
     it from that step's denoised prediction.
@@ -116,40 +159,79 @@ class DenoisingChain:
         step_kwargs=None,
         process_group=None,
         model_dtype: torch.dtype | None = None,
+        steps: range | None = None,
     ):
+        steps = range(len(scheduler.timesteps)) if steps is None else steps
+        if (
+            not isinstance(steps, range)
+            or steps.step != 1
+            or not 0 <= steps.start < steps.stop <= len(scheduler.timesteps)
+        ):
+            raise ValueError(
+                f"`steps` must be a non-empty range of positions in the {len(scheduler.timesteps)} timesteps, "
+                f"got {steps!r}."
+            )
+        step_kwargs = step_kwargs or {}
+        scheduler.host_table()  # builds the step tables: a configuration the batched step cannot follow fails now
+        if noise is None and any(scheduler.noise_mask(**step_kwargs)[steps.start : steps.stop]):
+            raise ValueError("These steps draw noise: pass `noise` from `scheduler.draw_noise`.")
+        if noise is not None and len(noise) != len(steps):
+            raise ValueError(f"`noise` must hold the {len(steps)} steps' draws, got {len(noise)}.")
         group = default_process_group() if process_group is None else process_group
         self.model_dtype = model_dtype
         self.model_fn = model_fn if group in (None, False) else ShardedModel(model_fn, group)
         self.scheduler = scheduler
         self.noise = noise
-        self.step_kwargs = step_kwargs or {}
+        self.step_kwargs = step_kwargs
+        self.steps = steps
         self._frontier = None
 
     def __len__(self):
-        return len(self.scheduler.timesteps)
+        return len(self.steps)
+
+    def positions(self, ls: torch.Tensor) -> torch.Tensor:
+        """The schedule positions of the chain's steps `ls`."""
+        return ls + self.steps.start
 
     def model_output(self, ls: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         """The model at the states `x_prev` `(n, B, C, H, W)` and timesteps `timesteps[ls]`, in one call."""
         n, batch = x_prev.shape[:2]
-        model_input = self.scheduler.batch_scale_model_input(x_prev, ls)
-        t = self.scheduler.timesteps[ls.cpu()].to(x_prev.device)
+        model_input = self.scheduler.batch_scale_model_input(x_prev, self.positions(ls))
+        t = self.scheduler.batch_timesteps(self.positions(ls))
         model_input = model_input.flatten(0, 1).to(self.model_dtype or x_prev.dtype)
+        if isinstance(self.model_fn, ShardedModel):
+            self.model_fn.rows_per_step = batch  # shard on whole steps: a guided model needs a step's B rows together
         out = self.model_fn(model_input, t.repeat_interleave(batch))
-        out = out.reshape(x_prev.shape).to(x_prev.dtype)
+        out = out.reshape(n, batch, *out.shape[1:]).to(x_prev.dtype)  # (n, B, C', H, W)
         self._frontier = (ls[-1:], x_prev[-1:], out[-1:])
         return out
 
     def update(self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
         """The scheduler's step for the given model outputs and the pre-drawn noise of those steps."""
-        noise = None if self.noise is None else self.noise[ls.to(self.noise.device)]
-        return self.scheduler.batch_step(model_output, ls, x_prev, noise, **self.step_kwargs).to(x_prev.dtype)
+        noise = None if self.noise is None else self.noise[ls]
+        positions = self.positions(ls)
+        return self.scheduler.batch_step(model_output, positions, x_prev, noise, **self.step_kwargs).to(x_prev.dtype)
 
     def __call__(self, ls: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.update(ls, x_prev, self.model_output(ls, x_prev))
 
-    def _frozen_x0_update(self, ls, x0):
-        """`x -> Phi_l(x)` with the model output that predicts `x0` at `x`: affine in `x`."""
-        return lambda x: self.update(ls, x, self.scheduler.batch_model_output_from_x0(x0.expand_as(x), ls, x))
+    def _frozen_x0_update(self, ls, x0, extra):
+        """`x -> Phi_l(x)` with the model output that predicts `x0` at `x` (and `extra`, the rest of the model's
+        output, such as learned variances, held fixed): affine in `x`."""
+        positions = self.positions(ls)
+
+        def update(x):
+            rest = None if extra is None else extra.expand(len(ls), *extra.shape[1:])
+            model_output = self.scheduler.batch_model_output_from_x0(x0.expand_as(x), positions, x, rest)
+            return self.update(ls, x, model_output)
+
+        return update
+
+    def _denoised(self, ls, x_prev, model_output):
+        """The denoised prediction and the rest of the model output (None, or e.g. learned variances)."""
+        positions = self.positions(ls)
+        x0 = self.scheduler.batch_predict_x0(model_output, positions, x_prev)
+        return x0, self.scheduler.split_model_output(model_output, x_prev)[1]
 
     def linearize(self, ls, x_prev):
         """`Phi_l(x_prev)` and two elementwise coefficients of `dPhi_l/dx`, from one model call.
@@ -160,11 +242,11 @@ class DenoisingChain:
         Both are vector-Jacobian products through the scheduler only, never through the model.
         """
         model_output = self.model_output(ls, x_prev)
-        x0 = self.scheduler.batch_predict_x0(model_output, ls, x_prev)
+        x0, extra = self._denoised(ls, x_prev, model_output)
         with torch.enable_grad():
             fx, vjp_output = torch.func.vjp(lambda x: self.update(ls, x, model_output), x_prev)
             (j_output,) = vjp_output(torch.ones_like(fx))
-            _, vjp_x0 = torch.func.vjp(self._frozen_x0_update(ls, x0), x_prev)
+            _, vjp_x0 = torch.func.vjp(self._frozen_x0_update(ls, x0, extra), x_prev)
             (j_x0,) = vjp_x0(torch.ones_like(fx))
         return fx.detach(), j_output.detach(), j_x0.detach()
 
@@ -178,10 +260,10 @@ class DenoisingChain:
         if self._frontier is None:
             return x_last.expand(len(ls), *x_last.shape).clone()
         last, x_prev, model_output = self._frontier
-        x0 = self.scheduler.batch_predict_x0(model_output, last, x_prev)
+        x0, extra = self._denoised(last, x_prev, model_output)
         zeros = torch.zeros(len(ls), *x_last.shape, dtype=x_last.dtype, device=x_last.device)
         with torch.enable_grad():
-            beta, vjp = torch.func.vjp(self._frozen_x0_update(ls, x0), zeros)
+            beta, vjp = torch.func.vjp(self._frozen_x0_update(ls, x0, extra), zeros)
             (alpha,) = vjp(torch.ones_like(beta))
         return pcr_solve(alpha.detach(), beta.detach(), x_last, check_finite=False)  # NaNs show in the residuals
 
@@ -274,25 +356,56 @@ def warn_unreachable_tolerance(tolerance: float, num_steps: int, model_dtype: to
         )
 
 
+def is_positive_int(value) -> bool:
+    """True for a positive integer of any integral type (`int`, `np.int64`, ...), never for a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory=None) -> None:
     """Raises a clear `ValueError` for bad parallel-sampling arguments (before any model call)."""
-    if parallel != "auto" and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
+    if parallel != "auto" and not is_positive_int(parallel):
         raise ValueError(f"`parallel` (the window size) must be a positive int or 'auto', got {parallel!r}.")
     if max_memory is not None:
         try:
             size = convert_file_size_to_int(max_memory) if isinstance(max_memory, str) else max_memory
         except ValueError:
             size = None
-        if isinstance(size, bool) or not isinstance(size, (int, float)) or not size > 0:
+        if isinstance(size, bool) or not isinstance(size, numbers.Real) or not 0 < size < math.inf:
             raise ValueError(
-                f"`max_memory` must be a positive number of bytes or a size like '2GB', got {max_memory!r}."
+                f"`max_memory` must be a positive, finite number of bytes or a size like '2GB', got {max_memory!r}."
             )
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not tolerance > 0:
-        raise ValueError(f"`tolerance` must be a positive number, got {tolerance!r}.")
-    if max_rounds is not None and (isinstance(max_rounds, bool) or not isinstance(max_rounds, int) or max_rounds < 1):
+    if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 < tolerance < math.inf:
+        raise ValueError(f"`tolerance` must be a positive, finite number, got {tolerance!r}.")
+    if max_rounds is not None and not is_positive_int(max_rounds):
         raise ValueError(f"`max_rounds` must be a positive int or None, got {max_rounds!r}.")
-    if not isinstance(jacobian, Jacobian) and jacobian not in DIFFUSION_JACOBIANS:
+    if not isinstance(jacobian, Jacobian) and (not isinstance(jacobian, str) or jacobian not in DIFFUSION_JACOBIANS):
         raise ValueError(f"`jacobian` must be one of {tuple(DIFFUSION_JACOBIANS)} or a `Jacobian`, got {jacobian!r}.")
+
+
+@dataclass(frozen=True)
+class ParallelOptions:
+    """The parallel solver's options, validated once where they are made; see `denoise_parallel` for each.
+
+    Every pcr-diffusers pipeline takes these five as keyword arguments of its `__call__`.
+    """
+
+    parallel: int | str = DEFAULT_PARALLEL
+    tolerance: float = DEFAULT_TOLERANCE
+    jacobian: "str | Jacobian" = "auto"
+    max_rounds: int | None = None
+    max_memory: int | str | None = None
+
+    def __post_init__(self):
+        check_parallel_args(self.parallel, self.tolerance, self.jacobian, self.max_rounds, self.max_memory)
+        for name in ("parallel", "max_rounds"):  # np.int64 and the like, as plain ints
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral):
+                object.__setattr__(self, name, int(value))
+        object.__setattr__(self, "tolerance", float(self.tolerance))
+
+    def as_kwargs(self) -> dict:
+        """The options as keyword arguments of `denoise_parallel` / `denoise_sequential`."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def denoise_parallel(
@@ -340,8 +453,9 @@ def denoise_parallel(
     check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     num_steps = len(chain)
     probes = int(parallel == "auto" or max_memory is not None)
-    window = min(fit_window(chain, latents, parallel, max_memory) if probes else parallel, num_steps)
-    tols = step_tolerances(tolerance, chain.scheduler.state_scale(torch.arange(num_steps)))
+    window = min(int(fit_window(chain, latents, parallel, max_memory) if probes else parallel), num_steps)
+    ls = torch.arange(num_steps, device=latents.device)
+    tols = step_tolerances(tolerance, chain.scheduler.state_scale(chain.positions(ls)))
     warn_unreachable_tolerance(tolerance, num_steps, chain.model_dtype or latents.dtype)
 
     def callback(num_iters, num_accepted, residual):
@@ -368,7 +482,7 @@ def denoise_parallel(
             f"(max_rounds={max_rounds}); finishing the remaining {num_steps - done} steps sequentially."
         )
         for i in range(done, num_steps):
-            x = chain(torch.tensor([i], device=x.device), x.unsqueeze(0))[0]
+            x = chain(ls[i : i + 1], x.unsqueeze(0))[0]
             if progress_bar is not None:
                 progress_bar.update(1)
     stats = SamplingStats(
@@ -396,9 +510,9 @@ def denoise_sequential(
     """The plain loop, one model call per step: the twin of `denoise_parallel` (the parallel arguments are checked
     and otherwise ignored)."""
     check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
-    x = latents
+    x, ls = latents, torch.arange(len(chain), device=latents.device)
     for i in range(len(chain)):
-        x = chain(torch.tensor([i], device=x.device), x.unsqueeze(0))[0]
+        x = chain(ls[i : i + 1], x.unsqueeze(0))[0]
         if progress_bar is not None:
             progress_bar.update(1)
     return x, SamplingStats(rounds=len(chain), model_evaluations=len(chain), converged=True)

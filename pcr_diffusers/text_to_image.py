@@ -13,19 +13,20 @@ so one model call per round covers window x 2 x batch, and step k's rows are exa
 passes to the model at step k.
 """
 
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass, fields
 
 import torch
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
-from diffusers.utils import BaseOutput
 
 from .pipeline_utils import PCRPipelineMixin
-from .sampling import SamplingStats
+from .sampling import ParallelOptions, SamplingStats
 from .schedulers import PCRScheduler, PCRSchedulerMixin
 
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# Prompt encoding is not thread-safe in diffusers' pipelines: a fast tokenizer's padding and truncation settings are
+# set on its shared backend at every call, so two prompts encoded at once can get each other's (measured: sequence
+# lengths 2 and 16 met in one batch). Our pipelines encode under this lock; the rest of a call runs concurrently.
+TEXT_ENCODING_LOCK = threading.Lock()
 _PER_STEP = "parallel sampling solves the steps together, so there is no step to call back after"
 UNSUPPORTED = {  # arguments of the parent pipelines that we reject, and why
     "callback_on_step_end": _PER_STEP,
@@ -35,13 +36,6 @@ UNSUPPORTED = {  # arguments of the parent pipelines that we reject, and why
     "ip_adapter_image_embeds": "IP-Adapter is not implemented",
     "skip_guidance_layers": "skip-layer guidance is not implemented",
 }
-
-
-@dataclass
-class PCRStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
-    """`StableDiffusionPipelineOutput` (`images`, `nsfw_content_detected`) and how the denoising loop ran: `stats`."""
-
-    stats: SamplingStats | None = None
 
 
 def repeat_steps(conditioning, n: int):
@@ -105,12 +99,12 @@ class GuidedModel:
 class PCRTextToImageMixin(PCRPipelineMixin):
     """Parallel-in-time denoising for a diffusers text-to-image pipeline; see the module docstring."""
 
-    def check_text_to_image_inputs(self, num_inference_steps, output_type, solver: dict, **unsupported) -> None:
-        """Our checks, before any model call: the window solver's arguments (`solver`: parallel, tolerance,
-        jacobian, max_rounds), the scheduler, `output_type`, and the parent's arguments that parallel sampling does
-        not support (`unsupported`: name -> value, an error unless None)."""
-        self.check_pcr_inputs(num_inference_steps, **solver)
-        self.check_output_type(output_type, OUTPUT_TYPES)
+    def check_text_to_image_inputs(self, num_inference_steps, custom_schedule: bool, **unsupported) -> int | None:
+        """Our checks, before any model call: `num_inference_steps` (None allowed with custom `timesteps` or
+        `sigmas`, as in the parents), the scheduler, and the parent's arguments that parallel sampling does not
+        support (`unsupported`: name -> value, an error unless None). Returns `num_inference_steps` as an int."""
+        num_inference_steps = self.check_num_inference_steps(num_inference_steps, custom_schedule)
+        self.check_scheduler()
         for name, value in unsupported.items():
             if value is not None:
                 parent = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
@@ -118,6 +112,7 @@ class PCRTextToImageMixin(PCRPipelineMixin):
                     f"{type(self).__name__} does not support `{name}`: "
                     f"{UNSUPPORTED.get(name, f'it is not an argument of {parent}')}. Leave it unset, or use {parent}."
                 )
+        return num_inference_steps
 
     def effective_batch_size(self, prompt, prompt_embeds, num_images_per_prompt: int, generator) -> int:
         """The parent's batch of latents (prompts x images per prompt); checks the generators against it now, where
@@ -132,29 +127,32 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         self.check_generator(generator, batch_size)
         return batch_size
 
+    def for_text_to_image_call(self):
+        """`for_call` with a new twin of the scheduler, whose timesteps `pcr_timesteps` sets."""
+        return self.for_call(PCRScheduler.from_scheduler(self.scheduler))
+
     def pcr_timesteps(
         self, num_inference_steps, device, timesteps=None, sigmas=None, **set_timesteps_kwargs
     ) -> PCRSchedulerMixin:
-        """The PCR twin of `self.scheduler` with the timesteps the parent's `retrieve_timesteps` sets.
-
-        `self.scheduler` gets them too, as in the parent: its `init_noise_sigma`, which `prepare_latents` uses,
-        depends on them, and its errors for unsupported custom `timesteps` / `sigmas` are the parent's.
-        """
+        """Sets the timesteps of this call's scheduler twin as the parent's `retrieve_timesteps` sets its
+        scheduler's (its errors for unsupported custom `timesteps` / `sigmas` are the parent's too), and returns the
+        twin. Its `init_noise_sigma`, which the parent's `prepare_latents` reads, depends on them."""
         retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, **set_timesteps_kwargs)
-        scheduler = PCRScheduler.from_scheduler(self.scheduler)
-        custom = {name: value for name, value in [("timesteps", timesteps), ("sigmas", sigmas)] if value is not None}
-        scheduler.set_timesteps(
-            None if custom else num_inference_steps, device=device, **custom, **set_timesteps_kwargs
-        )
-        self._num_timesteps = len(scheduler.timesteps)
-        return scheduler
+        self._num_timesteps = len(self.scheduler.timesteps)
+        return self.scheduler
 
-    def unet_step_inputs(self, scheduler, latents, generator, eta, batch_size):
-        """For UNet pipelines: the parent's scheduler-step kwargs without the generator, every step's noise drawn
-        from it in the sequential loop's order, and the guidance embedding `timestep_cond` of LCM-style UNets."""
+    def unet_step_inputs(self, scheduler, latents, generator, eta, batch_size, steps: range | None = None):
+        """For UNet pipelines: the parent's scheduler-step kwargs without the generator, the noise of the steps
+        `steps` drawn from it in the sequential loop's order, and the guidance embedding `timestep_cond` of
+        LCM-style UNets."""
         step_kwargs = self.prepare_extra_step_kwargs(generator, eta)
         noise = scheduler.draw_noise(
-            latents.shape, step_kwargs.pop("generator", None), latents.device, latents.dtype, **step_kwargs
+            latents.shape,
+            step_kwargs.pop("generator", None),
+            latents.device,
+            latents.dtype,
+            steps=steps,
+            **step_kwargs,
         )
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
@@ -176,20 +174,14 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         scheduler: PCRSchedulerMixin,
         latents: torch.Tensor,
         noise: torch.Tensor | None,
+        options: ParallelOptions,
         *,
         guidance_rescale: float = 0.0,
         step_kwargs: dict | None = None,
-        **solver,
+        steps: range | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """`pcr_denoise` with `GuidedModel(model, conditioning, ...)` as the model; guidance as
-        `self.do_classifier_free_guidance` and `self.guidance_scale` say. `solver`: parallel, tolerance, jacobian,
-        max_rounds."""
+        `self.do_classifier_free_guidance` and `self.guidance_scale` say."""
         guidance_scale = self.guidance_scale if self.do_classifier_free_guidance else None
         model_fn = GuidedModel(model, conditioning, latents.shape[0], guidance_scale, guidance_rescale)
-        return self.pcr_denoise(model_fn, scheduler, latents, noise, step_kwargs=step_kwargs, **solver)
-
-    def pcr_output(self, output: BaseOutput, return_dict: bool):
-        """Frees the model hooks, as the parent does, and returns `output`, or its fields as a tuple (None kept,
-        unlike `BaseOutput.to_tuple`: StableDiffusionPipeline's tuple has `nsfw_content_detected` even when None)."""
-        self.maybe_free_model_hooks()
-        return output if return_dict else tuple(getattr(output, field.name) for field in fields(output))
+        return self.pcr_denoise(model_fn, scheduler, latents, noise, options, step_kwargs=step_kwargs, steps=steps)

@@ -32,11 +32,10 @@ SD_SCHEDULER_CONFIG = dict(
 )
 
 
-@pytest.fixture(scope="session")
-def tiny_unet():
+def tiny_unet2d(**overrides) -> UNet2DModel:
     """A random UNet2DModel with self-attention, 8x8 single-channel: small enough for many sampling runs."""
     torch.manual_seed(0)
-    unet = UNet2DModel(
+    config = dict(
         sample_size=8,
         in_channels=1,
         out_channels=1,
@@ -47,7 +46,13 @@ def tiny_unet():
         norm_num_groups=8,
         attention_head_dim=8,
     )
-    return unet.double().eval()  # float64: the random chain is ill-conditioned, float32 rounding would blur the test
+    return UNet2DModel(**{**config, **overrides})
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    # float64: the random chain is ill-conditioned, float32 rounding would blur the tests
+    return tiny_unet2d().double().eval()
 
 
 # Tiny text-to-image components, built from configs in code (no hub). Plain functions, so that

@@ -233,3 +233,9 @@ def test_empty_stack_is_the_identity_and_deepcopy_works():
     pcr(x)
     clone = copy.deepcopy(pcr)
     torch.testing.assert_close(clone(x), pcr(x))
+
+
+def test_an_input_of_the_wrong_width_gets_a_clear_error():
+    pcr = PCRSequential(*make_layers("mlp", 3))
+    with pytest.raises(ValueError, match="`input` with last axis 5 does not fit layer 0"):
+        pcr(torch.randn(2, 5, dtype=torch.float64))

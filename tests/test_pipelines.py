@@ -1,3 +1,4 @@
+import copy
 import logging
 from pathlib import Path
 
@@ -103,8 +104,13 @@ def test_default_tolerance_is_close_and_output_types(tiny_unet):
     pcr = PCRDDIMPipeline.from_pipe(pipe)
     out = pcr(generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type="np")
     assert np.abs(out.images - ref).max() <= 1e-2
-    images, stats = pcr(generator=torch.Generator().manual_seed(0), num_inference_steps=20, return_dict=False)
-    assert images[0].size == (8, 8) and stats.converged
+    (images,) = pcr(generator=torch.Generator().manual_seed(0), num_inference_steps=20, return_dict=False)
+    assert images[0].size == (8, 8) and pcr.stats.converged  # the parent's tuple; the statistics on the pipeline
+    for output_type in ("numpy", None):  # DDIMPipeline returns numpy for anything but "pil" and "pt"
+        ours = pcr(generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type=output_type)
+        theirs = pipe(generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type=output_type)
+        assert type(ours.images) is type(theirs.images) is np.ndarray and ours.images.shape == (1, 8, 8, 1)
+        assert type(ours) is type(theirs) and ours.keys() == theirs.keys() and ours.stats is pcr.stats
     pt = pcr(generator=torch.Generator().manual_seed(0), num_inference_steps=20, output_type="pt").images
     assert pt.shape == (1, 1, 8, 8) and 0 <= pt.min() and pt.max() <= 1
 
@@ -157,12 +163,18 @@ class _NoCalls(torch.nn.Module):
         ({"jacobian": "newton"}, "jacobian"),
         ({"max_rounds": 0}, "max_rounds"),
         ({"batch_size": 2, "generator": [torch.Generator()]}, "generators"),
-        ({"output_type": "latent"}, "output_type"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"generator": "abc"}, "generator"),
+        ({"max_memory": float("inf")}, "max_memory"),
+        ({"tolerance": float("inf")}, "tolerance"),
+        ({"scheduler": DDPMScheduler(variance_type="fixed_large_log")}, "variance_type"),
     ],
 )
 def test_bad_input_fails_before_any_model_call(tiny_unet, kwargs, match):
-    pcr = PCRDDPMPipeline(_NoCalls(tiny_unet), DDPMScheduler())
-    with pytest.raises(ValueError, match=match):
+    kwargs = dict(kwargs)
+    pcr = PCRDDPMPipeline(_NoCalls(tiny_unet), kwargs.pop("scheduler", DDPMScheduler()))
+    with pytest.raises((ValueError, TypeError), match=match):
         pcr(**kwargs)
 
 
@@ -170,3 +182,12 @@ def test_unsupported_scheduler_names_the_conversion(tiny_unet):
     pcr = PCRDDPMPipeline(_NoCalls(tiny_unet), PNDMScheduler())
     with pytest.raises(ValueError, match="from_config"):
         pcr(num_inference_steps=10)
+
+
+def test_a_tolerance_below_the_model_precision_warns_and_the_window_used_is_reported(tiny_unet, caplog):
+    pcr = PCRDDPMPipeline(copy.deepcopy(tiny_unet).float(), DDPMScheduler())
+    pcr.set_progress_bar_config(disable=True)
+    with caplog.at_level(logging.WARNING, logger="pcr_diffusers"):
+        out = pcr(num_inference_steps=4, tolerance=1e-12, parallel=10**9, output_type="np")
+    assert sum("below a tenth of the model's torch.float32 precision" in r.message for r in caplog.records) == 1
+    assert out.stats.window == 4 and out.stats.converged

@@ -109,12 +109,15 @@ def test_noise_is_drawn_per_image_from_a_list_of_generators():
 def test_unsupported_schedulers_and_options_are_refused():
     with pytest.raises(ValueError, match=r"DDIMScheduler.from_config\(pipe.scheduler.config\)"):
         PCRScheduler.from_scheduler(PNDMScheduler())
-    pcr = PCRScheduler.from_scheduler(DDPMScheduler(variance_type="learned_range"))
-    with pytest.raises(ValueError, match="variance_type"):
-        pcr.set_timesteps(10)
+    pcr = PCRScheduler.from_scheduler(DDPMScheduler(variance_type="fixed_large_log"))
+    pcr.set_timesteps(10)  # as a plain scheduler it works like its parent; only the batched step refuses
+    with pytest.raises(ValueError, match="variance_type.*fixed_large_log"):
+        pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE), torch.zeros(1, *SHAPE))
+    with pytest.raises(RuntimeError, match="set_timesteps"):  # as DDIMScheduler.step
+        PCRScheduler.from_scheduler(DDIMScheduler()).batch_step(
+            torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE)
+        )
     pcr = PCRScheduler.from_scheduler(DDPMScheduler())
-    with pytest.raises(RuntimeError, match="set_timesteps"):
-        pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE))
     pcr.set_timesteps(10)
     with pytest.raises(ValueError, match="noise"):
         pcr.batch_step(torch.zeros(1, *SHAPE), torch.tensor([0]), torch.zeros(1, *SHAPE))
@@ -150,3 +153,23 @@ def test_the_twin_keeps_config_values_changed_after_construction():
     base = DDIMScheduler()  # clip_sample=True by default, recorded in `_use_default_values`
     base.register_to_config(clip_sample=False)  # as StableDiffusionPipeline does for SD 1.x checkpoints
     assert PCRScheduler.from_scheduler(base).config.clip_sample is False
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range"])
+def test_learned_variances_split_the_model_output_as_the_base_step(variance_type):
+    base = DDPMScheduler(variance_type=variance_type)
+    base.set_timesteps(12)
+    pcr = PCRScheduler.from_scheduler(base)
+    pcr.set_timesteps(12)
+    gen = torch.Generator().manual_seed(0)
+    samples = torch.randn(12, *SHAPE, generator=gen)
+    channels = SHAPE[1]
+    model_outputs = torch.randn(12, SHAPE[0], 2 * channels, *SHAPE[2:], generator=gen)
+    if variance_type == "learned":  # the model's variance itself: positive
+        model_outputs[:, :, channels:] = model_outputs[:, :, channels:].abs()
+    ref = sequential_steps(base, model_outputs, samples, torch.Generator().manual_seed(1))
+    noise = pcr.draw_noise(SHAPE, generator=torch.Generator().manual_seed(1))
+    out = pcr.batch_step(model_outputs, torch.arange(12), samples, noise)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="twice"):
+        pcr.batch_step(samples, torch.arange(12), samples, noise)

@@ -1,5 +1,6 @@
 """Newton's method over all states of a chain `x_l = f_l(x_{l-1})` at once, each linear solve done by PCR."""
 
+import numbers
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ class SolveResult:
 def _check_int(name: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
 
 
@@ -131,8 +132,8 @@ def newton_solve(
             raise TypeError(f"`init` must have x0's dtype {x0.dtype}, got {init.dtype}.")
     jac = make_jacobian(jacobian)
     jac.reset(num_steps, x0)
-    max_iters = num_steps if max_iters is None else max_iters
-    window = num_steps if window is None else min(window, num_steps)
+    max_iters = num_steps if max_iters is None else int(max_iters)
+    window = num_steps if window is None else min(int(window), num_steps)
 
     states = (x0.expand(num_steps, *x0.shape) if init is None else init).clone()  # (L, *state)
     start, num_iters, num_evaluations, residuals = 0, 0, 0, []

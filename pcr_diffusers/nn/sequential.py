@@ -179,6 +179,17 @@ class PCRSequential(nn.Sequential):
             self._stack = (key, LayerStack(list(self)))
         return self._stack[1]
 
+    def _check_width(self, x: torch.Tensor) -> None:
+        """One row through the first layer: a clear error for an input the layers cannot take (the batched
+        evaluation would fail inside a matrix product, naming no argument)."""
+        with torch.no_grad():
+            try:
+                self[0](x[:1])
+            except RuntimeError as error:
+                raise ValueError(
+                    f"`input` with last axis {x.shape[-1]} does not fit layer 0 ({type(self[0]).__name__}): {error}"
+                ) from error
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if self.mode == "sequential" or len(self) == 0:
             self.last_result = None
@@ -195,6 +206,7 @@ class PCRSequential(nn.Sequential):
         max_iters = min(len(self), DEFAULT_MAX_ITERS) if self.max_iters is None else self.max_iters
         solve = _Solve(stack, list(self), list(params), stack.buffers(), self.jacobian, self.tol, max_iters)
         x = input.reshape(-1, input.shape[-1])  # (batch, d)
+        self._check_width(x)
         out = _NewtonThroughLayers.apply(solve, x, *params.values())
         self.last_result = solve.result
         return out.reshape(input.shape)

@@ -6,9 +6,10 @@ A diffusers community pipeline: use it as `PCRDDIMPipeline.from_pipe(ddim_pipe)`
 
 import torch
 from diffusers import DDIMPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput, PCRPipelineMixin
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
+from pcr_diffusers.pipeline_utils import PCRPipelineMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
 
 
 class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
@@ -34,7 +35,7 @@ class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
         jacobian: str = "auto",
         max_rounds: int | None = None,
         max_memory: int | str | None = None,
-    ) -> PCRImagePipelineOutput | tuple:
+    ) -> ImagePipelineOutput | tuple:
         r"""Generates images.
 
         Args:
@@ -43,13 +44,11 @@ class PCRDDIMPipeline(PCRPipelineMixin, DDIMPipeline):
             parallel, tolerance, jacobian, max_rounds, max_memory: as in `PCRDDPMPipeline`.
 
         Returns:
-            `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
+            As `PCRDDPMPipeline`: the parent's output with `.stats`, or the parent's tuple `(images,)`.
         """
-        solver = dict(
-            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
-        )
+        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
         step_kwargs = {"eta": eta, "use_clipped_model_output": bool(use_clipped_model_output)}
         # DDIMPipeline always holds a DDIMScheduler, whose step takes these
         return self.generate_unconditional(
-            batch_size, generator, num_inference_steps, output_type, return_dict, solver, step_kwargs
+            batch_size, generator, num_inference_steps, output_type, return_dict, options, step_kwargs
         )

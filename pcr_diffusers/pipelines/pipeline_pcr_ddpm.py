@@ -6,9 +6,10 @@ A diffusers community pipeline: use it as `PCRDDPMPipeline.from_pipe(ddpm_pipe)`
 
 import torch
 from diffusers import DDPMPipeline
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput, PCRPipelineMixin
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
+from pcr_diffusers.pipeline_utils import PCRPipelineMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
 
 
 class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
@@ -33,7 +34,7 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
         jacobian: str = "auto",
         max_rounds: int | None = None,
         max_memory: int | str | None = None,
-    ) -> PCRImagePipelineOutput | tuple:
+    ) -> ImagePipelineOutput | tuple:
         r"""Generates images.
 
         Args:
@@ -41,10 +42,11 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
             parallel (`int` or `"auto"`, defaults to 64): the window, how many consecutive steps each round
                 evaluates in one model call; 1 runs the plain sequential loop; `"auto"` the largest window that fits
                 the memory budget (see `max_memory`).
-            tolerance (`float`, defaults to 3e-3): a step is accepted when its residual
-                `||Phi_i(x_i) - x_{i+1}||_inf` and its last Newton correction, relative to the state's size, are
-                within it; see `pcr_diffusers.sampling.denoise_parallel`. With the default, the shipped model's
-                images stayed within 2.8e-3 of the sequential ones in [0, 1] pixels (under one gray level).
+            tolerance (`float`, defaults to 3e-3): how far the result may be from the sequential one, relative to
+                the state's size: each step is accepted only when its residual `||Phi_i(x_i) - x_{i+1}||_inf` at its
+                final input is within `tolerance / sqrt(N)`; see `pcr_diffusers.sampling.denoise_parallel`. With the
+                default, the shipped model's images stayed within 1.2e-3 of the sequential ones in [0, 1] pixels
+                (a third of an 8-bit gray level).
             jacobian (`str`, defaults to `"auto"`): `"auto"`, `"secant"`, `"denoiser"`, `"scheduler"` or `"identity"`
                 (ParaDiGMS' Picard iteration), or a `pcr_diffusers.core.Jacobian`; see
                 `pcr_diffusers.sampling.denoise_parallel`.
@@ -56,11 +58,11 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
                 out-of-memory error from the window).
 
         Returns:
-            `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
+            `ImagePipelineOutput` (PIL images for `output_type="pil"`, else a numpy array, as `DDPMPipeline`) with
+            the statistics as its attribute `.stats`, or the parent's tuple `(images,)`; `pipeline.stats` holds them
+            too, per thread.
         """
-        solver = dict(
-            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
-        )
+        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
         return self.generate_unconditional(
-            batch_size, generator, num_inference_steps, output_type, return_dict, solver
+            batch_size, generator, num_inference_steps, output_type, return_dict, options
         )

@@ -8,9 +8,10 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionPipeline
+from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
-from pcr_diffusers.text_to_image import PCRStableDiffusionPipelineOutput, PCRTextToImageMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
+from pcr_diffusers.text_to_image import TEXT_ENCODING_LOCK, PCRTextToImageMixin
 
 
 class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
@@ -48,7 +49,7 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's default)
         *,
         parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
@@ -56,35 +57,34 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
         max_rounds: int | None = None,
         max_memory: int | str | None = None,
         **kwargs,
-    ) -> PCRStableDiffusionPipelineOutput | tuple:
+    ) -> StableDiffusionPipelineOutput | tuple:
         r"""Generates images from text.
 
         Args:
             prompt, height, width, num_inference_steps, timesteps, sigmas, guidance_scale, negative_prompt,
             num_images_per_prompt, eta, generator, latents, prompt_embeds, negative_prompt_embeds, output_type
             (`"pil"`, `"np"`, `"pt"` or `"latent"`), return_dict, cross_attention_kwargs, guidance_rescale,
-            clip_skip: as in `StableDiffusionPipeline`.
+            clip_skip: as in `StableDiffusionPipeline` (`num_inference_steps` may be None with custom `timesteps` or
+            `sigmas`).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
             ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
                 supported (a clear error), as per-step callbacks have no place when the steps are solved together.
 
         Returns:
-            `PCRStableDiffusionPipelineOutput` with `images`, `nsfw_content_detected` and `stats`, or the tuple
-            `(images, nsfw_content_detected, stats)`.
+            `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
+            `(images, nsfw_content_detected)`; `pipeline.stats` holds them too, per thread.
         """
-        # 1. Check inputs, before any model call
-        solver = dict(
-            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
-        )
-        self.check_text_to_image_inputs(
+        # 1. Check inputs, before any model call; the call runs on its own copy of the pipeline and scheduler
+        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
+        num_inference_steps = self.check_text_to_image_inputs(
             num_inference_steps,
-            output_type,
-            solver,
+            timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
+        self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
         if not height or not width:
             sample_size = self.unet.config.sample_size
             height, width = (sample_size, sample_size) if self._is_unet_config_sample_size_int else sample_size
@@ -108,17 +108,18 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
         device = self._execution_device
 
         # 2. Encode the prompt: negative embeddings first, as the sequential loop batches them
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
-            device,
-            num_images_per_prompt,
-            self.do_classifier_free_guidance,
-            negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=(cross_attention_kwargs or {}).get("scale"),
-            clip_skip=clip_skip,
-        )
+        with TEXT_ENCODING_LOCK:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt,
+                device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                lora_scale=(cross_attention_kwargs or {}).get("scale"),
+                clip_skip=clip_skip,
+            )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
@@ -137,9 +138,9 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             scheduler,
             latents,
             noise,
+            options,
             guidance_rescale=guidance_rescale,
             step_kwargs=step_kwargs,
-            **solver,
         )
 
         # 5. Decode, check safety and post-process, as the parent does
@@ -150,5 +151,5 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
         do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
         image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
-        output = PCRStableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept, stats=stats)
-        return self.pcr_output(output, return_dict)
+        output = StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
+        return self.pcr_output(output, stats, return_dict)

@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
 
-from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
-from pcr_diffusers.text_to_image import PCRTextToImageMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
+from pcr_diffusers.text_to_image import TEXT_ENCODING_LOCK, PCRTextToImageMixin
 
 
 class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline):
@@ -53,7 +53,7 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
         joint_attention_kwargs: dict[str, Any] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's default)
         max_sequence_length: int = 256,
         skip_guidance_layers: list[int] | None = None,
         skip_layer_guidance_scale: float = 2.8,
@@ -66,7 +66,7 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
         jacobian: str = "auto",
         max_rounds: int | None = None,
         max_memory: int | str | None = None,
-    ) -> PCRImagePipelineOutput | tuple:
+    ) -> StableDiffusion3PipelineOutput | tuple:
         r"""Generates images from text.
 
         Args:
@@ -77,21 +77,20 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
                 (a clear error); the other skip-layer arguments only apply with `skip_guidance_layers`.
 
         Returns:
-            `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
+            `StableDiffusion3PipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
+            `(images,)`; `pipeline.stats` holds them too, per thread.
         """
-        # 1. Check inputs, before any model call
-        solver = dict(
-            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
-        )
-        self.check_text_to_image_inputs(
+        # 1. Check inputs, before any model call; the call runs on its own copy of the pipeline and scheduler
+        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
+        num_inference_steps = self.check_text_to_image_inputs(
             num_inference_steps,
-            output_type,
-            solver,
+            sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end,
             skip_guidance_layers=skip_guidance_layers,
         )
+        self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(
@@ -119,26 +118,27 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
         device = self._execution_device
 
         # 2. Encode the prompt: negative embeddings first, as the sequential loop batches them
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
-            self.encode_prompt(
-                prompt=prompt,
-                prompt_2=prompt_2,
-                prompt_3=prompt_3,
-                negative_prompt=negative_prompt,
-                negative_prompt_2=negative_prompt_2,
-                negative_prompt_3=negative_prompt_3,
-                do_classifier_free_guidance=self.do_classifier_free_guidance,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                device=device,
-                clip_skip=clip_skip,
-                num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length,
-                lora_scale=(joint_attention_kwargs or {}).get("scale"),
+        with TEXT_ENCODING_LOCK:
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+                self.encode_prompt(
+                    prompt=prompt,
+                    prompt_2=prompt_2,
+                    prompt_3=prompt_3,
+                    negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2,
+                    negative_prompt_3=negative_prompt_3,
+                    do_classifier_free_guidance=self.do_classifier_free_guidance,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    device=device,
+                    clip_skip=clip_skip,
+                    num_images_per_prompt=num_images_per_prompt,
+                    max_sequence_length=max_sequence_length,
+                    lora_scale=(joint_attention_kwargs or {}).get("scale"),
+                )
             )
-        )
         if self.do_classifier_free_guidance:
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
             pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds])
@@ -170,16 +170,14 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
 
         # 4. Denoise: one transformer call per round covers window x 2 x batch
         conditioning = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
-        latents, stats = self.guided_denoise(
-            self._transformer_model, conditioning, scheduler, latents, noise, **solver
-        )
+        latents, stats = self.guided_denoise(self._transformer_model, conditioning, scheduler, latents, noise, options)
 
         # 5. Decode and post-process, as the parent does
         image = latents
         if output_type != "latent":
             latents = latents / self.vae.config.scaling_factor + self.vae.config.shift_factor
             image = self.image_processor.postprocess(self.vae.decode(latents, return_dict=False)[0], output_type)
-        return self.pcr_output(PCRImagePipelineOutput(images=image, stats=stats), return_dict)
+        return self.pcr_output(StableDiffusion3PipelineOutput(images=image), stats, return_dict)
 
     def _transformer_model(self, x, t, **conditioning):
         """One transformer call as the sequential loop makes it."""

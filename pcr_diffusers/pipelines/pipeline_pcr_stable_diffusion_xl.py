@@ -8,11 +8,11 @@ from typing import Any
 
 import torch
 from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from diffusers.utils.torch_utils import get_module_execution_device
 
-from pcr_diffusers.pipeline_utils import PCRImagePipelineOutput
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
-from pcr_diffusers.text_to_image import PCRTextToImageMixin
+from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
+from pcr_diffusers.text_to_image import TEXT_ENCODING_LOCK, PCRTextToImageMixin
 
 
 class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipeline):
@@ -59,7 +59,7 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         negative_target_size: tuple[int, int] | None = None,
         clip_skip: int | None = None,
         callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: tuple[str, ...] = ("latents",),
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's default)
         *,
         parallel: int | str = DEFAULT_PARALLEL,
         tolerance: float = DEFAULT_TOLERANCE,
@@ -67,7 +67,7 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         max_rounds: int | None = None,
         max_memory: int | str | None = None,
         **kwargs,
-    ) -> PCRImagePipelineOutput | tuple:
+    ) -> StableDiffusionXLPipelineOutput | tuple:
         r"""Generates images from text.
 
         Args:
@@ -78,21 +78,20 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
                 supported (a clear error).
 
         Returns:
-            `PCRImagePipelineOutput` with `images` and `stats`, or the tuple `(images, stats)`.
+            `StableDiffusionXLPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
+            `(images,)`; `pipeline.stats` holds them too, per thread.
         """
-        # 1. Check inputs, before any model call
-        solver = dict(
-            parallel=parallel, tolerance=tolerance, jacobian=jacobian, max_rounds=max_rounds, max_memory=max_memory
-        )
-        self.check_text_to_image_inputs(
+        # 1. Check inputs, before any model call; the call runs on its own copy of the pipeline and scheduler
+        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
+        num_inference_steps = self.check_text_to_image_inputs(
             num_inference_steps,
-            output_type,
-            solver,
+            timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
+        self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(
@@ -119,36 +118,40 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         device = self._execution_device
 
         # 2. Encode the prompt with both text encoders
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
-            self.encode_prompt(
-                prompt=prompt,
-                prompt_2=prompt_2,
-                device=device,
-                num_images_per_prompt=num_images_per_prompt,
-                do_classifier_free_guidance=self.do_classifier_free_guidance,
-                negative_prompt=negative_prompt,
-                negative_prompt_2=negative_prompt_2,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                pooled_prompt_embeds=pooled_prompt_embeds,
-                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-                lora_scale=(cross_attention_kwargs or {}).get("scale"),
-                clip_skip=clip_skip,
+        with TEXT_ENCODING_LOCK:
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+                self.encode_prompt(
+                    prompt=prompt,
+                    prompt_2=prompt_2,
+                    device=device,
+                    num_images_per_prompt=num_images_per_prompt,
+                    do_classifier_free_guidance=self.do_classifier_free_guidance,
+                    negative_prompt=negative_prompt,
+                    negative_prompt_2=negative_prompt_2,
+                    prompt_embeds=prompt_embeds,
+                    negative_prompt_embeds=negative_prompt_embeds,
+                    pooled_prompt_embeds=pooled_prompt_embeds,
+                    negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                    lora_scale=(cross_attention_kwargs or {}).get("scale"),
+                    clip_skip=clip_skip,
+                )
             )
-        )
 
         # 3. Timesteps (the first ones only, with `denoising_end`), latents and every step's noise
         scheduler = self.pcr_timesteps(num_inference_steps, device, timesteps, sigmas)
+        steps = range(len(scheduler.timesteps))
         if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
             num_train_timesteps = scheduler.config.num_train_timesteps
             cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
-            # the per-step tables keep their length; the chain runs (and draws noise for) the first steps only
-            scheduler.timesteps = scheduler.timesteps[: int((scheduler.timesteps >= cutoff).sum())]
-            self._num_timesteps = len(scheduler.timesteps)
+            # the chain runs (and draws noise for) the first steps only, with the whole schedule's coefficients
+            steps = range(int((scheduler.timesteps >= cutoff).sum()))
+            self._num_timesteps = len(steps)
         latents = self.prepare_latents(
             batch_size, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
-        step_kwargs, noise, timestep_cond = self.unet_step_inputs(scheduler, latents, generator, eta, batch_size)
+        step_kwargs, noise, timestep_cond = self.unet_step_inputs(
+            scheduler, latents, generator, eta, batch_size, steps
+        )
 
         # 4. Added conditioning: pooled text embeddings and size/crop time ids, negative rows first
         projection_dim = (
@@ -193,16 +196,17 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
             scheduler,
             latents,
             noise,
+            options,
             guidance_rescale=guidance_rescale,
             step_kwargs=step_kwargs,
-            **solver,
+            steps=steps,
         )
 
         # 6. Decode (upcasting a float16 VAE that asks for it) and post-process, as the parent does
         image = latents
         if output_type != "latent":
             image = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
-        return self.pcr_output(PCRImagePipelineOutput(images=image, stats=stats), return_dict)
+        return self.pcr_output(StableDiffusionXLPipelineOutput(images=image), stats, return_dict)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The parent's decoding: VAE upcasting, latents mean/std or scaling factor, watermark."""

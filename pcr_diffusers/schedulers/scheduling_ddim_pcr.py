@@ -16,10 +16,12 @@ class PCRDDIMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDIMScheduler):
     """
 
     def _step_table(self):
+        if self.num_inference_steps is None:  # the base step refuses too
+            raise RuntimeError(f"Call `set_timesteps` on the {type(self).__name__} before its batched steps.")
         if self.config.prediction_type not in PREDICTION_TYPES:
             raise self._unsupported("prediction_type", self.config.prediction_type, PREDICTION_TYPES)
-        # The base step's scalar arithmetic, elementwise over all timesteps at once (the same float ops).
-        t = self.timesteps
+        # The base step's scalar arithmetic, elementwise over all timesteps at once (the same float ops), on the CPU.
+        t = self.timesteps.cpu()
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = torch.where(
@@ -47,7 +49,7 @@ class PCRDDIMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDIMScheduler):
             noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise(..., eta=eta)`; needed when `eta > 0`.
             eta, use_clipped_model_output: as in `DDIMScheduler.step`.
         """
-        self._check_ready(model_output, sample)
+        model_output, _ = self.split_model_output(model_output, sample)
         c = self._coefficients(indices, sample)
         sqrt_alpha, sqrt_beta = c["sqrt_alpha_prod"], c["sqrt_beta_prod"]
         if self.config.prediction_type == "epsilon":
@@ -66,7 +68,6 @@ class PCRDDIMScheduler(VPConversionsMixin, PCRSchedulerMixin, DDIMScheduler):
         direction = (1 - c["alpha_prod_prev"] - std_dev_t**2) ** (0.5) * eps
         prev_sample = c["sqrt_alpha_prod_prev"] * x0 + direction
         if eta > 0:
-            if noise is None:
-                raise ValueError("DDIM with eta > 0 draws noise: pass `noise` from `draw_noise(..., eta=eta)`.")
+            self._require_noise(noise)
             prev_sample = prev_sample + std_dev_t * noise
         return prev_sample

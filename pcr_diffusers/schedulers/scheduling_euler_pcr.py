@@ -10,10 +10,19 @@ class _SigmaMixin(PCRSchedulerMixin):
     """Input scaling and state size shared by the variance-exploding (sigma) schedulers."""
 
     def batch_scale_model_input(self, sample, indices):
-        return sample / per_step(self._table["input_scale"], indices, sample).to(sample.dtype)
+        return sample / per_step(self.step_table(indices.device)["input_scale"], indices, sample).to(sample.dtype)
 
-    def state_scale(self, indices):
-        return (self.sigmas[indices.cpu() + 1].double() ** 2 + 1) ** 0.5
+    def _sigma_table(self):
+        """The base step's scalar arithmetic on its sigmas, elementwise over all steps (the same float ops)."""
+        sigmas = self.sigmas.cpu()
+        sigma = sigmas[:-1]
+        return {
+            "sigma": sigma,
+            "v_out": -sigma / (sigma**2 + 1) ** 0.5,
+            "v_in": sigma**2 + 1,
+            "input_scale": (sigma**2 + 1) ** 0.5,
+            "state_scale": (sigmas[1:].double() ** 2 + 1) ** 0.5,
+        }
 
     def _to_x0(self, model_output, sample, c):
         if self.config.prediction_type == "epsilon":
@@ -42,21 +51,9 @@ class PCREulerDiscreteScheduler(_SigmaMixin, EulerDiscreteScheduler):
         prediction_types = ("epsilon", "v_prediction", "sample", "original_sample")
         if self.config.prediction_type not in prediction_types:
             raise self._unsupported("prediction_type", self.config.prediction_type, prediction_types)
-        rows = []
-        for i in range(len(self.timesteps)):
-            sigma = self.sigmas[i]
-            sigma_hat = sigma * (0.0 + 1)
-            rows.append(
-                [
-                    sigma_hat,
-                    self.sigmas[i + 1] - sigma_hat,
-                    -sigma / (sigma**2 + 1) ** 0.5,
-                    sigma**2 + 1,
-                    (sigma**2 + 1) ** 0.5,
-                ]
-            )
-        names = ("sigma", "dt", "v_out", "v_in", "input_scale")
-        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+        table = self._sigma_table()
+        sigma_hat = table["sigma"] * (0.0 + 1)  # the base step's `sigma * (gamma + 1)` without churn
+        return {**table, "sigma": sigma_hat, "dt": self.sigmas.cpu()[1:] - sigma_hat}
 
     def batch_step(self, model_output, indices, sample, noise=None):
         """`EulerDiscreteScheduler.step` (no churn) for the timesteps `timesteps[indices]` at once.
@@ -66,7 +63,7 @@ class PCREulerDiscreteScheduler(_SigmaMixin, EulerDiscreteScheduler):
             indices: `(n,)` positions in `timesteps`.
             noise: unused (these steps draw none); accepted for a uniform signature.
         """
-        self._check_ready(model_output, sample)
+        model_output, _ = self.split_model_output(model_output, sample)
         sample = sample.to(torch.float32)
         c = self._coefficients(indices, sample)
         x0 = self._to_x0(model_output, sample, c)
@@ -85,23 +82,11 @@ class PCREulerAncestralDiscreteScheduler(_SigmaMixin, EulerAncestralDiscreteSche
         prediction_types = ("epsilon", "v_prediction")
         if self.config.prediction_type not in prediction_types:
             raise self._unsupported("prediction_type", self.config.prediction_type, prediction_types)
-        rows = []
-        for i in range(len(self.timesteps)):
-            sigma_from, sigma_to = self.sigmas[i], self.sigmas[i + 1]
-            sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
-            sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
-            rows.append(
-                [
-                    sigma_from,
-                    sigma_down - sigma_from,
-                    sigma_up,
-                    -sigma_from / (sigma_from**2 + 1) ** 0.5,
-                    sigma_from**2 + 1,
-                    (sigma_from**2 + 1) ** 0.5,
-                ]
-            )
-        names = ("sigma", "dt", "sigma_up", "v_out", "v_in", "input_scale")
-        return {name: torch.stack([row[i] for row in rows]) for i, name in enumerate(names)}
+        table = self._sigma_table()
+        sigma_from, sigma_to = table["sigma"], self.sigmas.cpu()[1:]
+        sigma_up = (sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2) ** 0.5
+        sigma_down = (sigma_to**2 - sigma_up**2) ** 0.5
+        return {**table, "dt": sigma_down - sigma_from, "sigma_up": sigma_up}
 
     def noise_mask(self):
         return [True] * len(self.timesteps)
@@ -114,9 +99,8 @@ class PCREulerAncestralDiscreteScheduler(_SigmaMixin, EulerAncestralDiscreteSche
             indices: `(n,)` positions in `timesteps`.
             noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise`.
         """
-        self._check_ready(model_output, sample)
-        if noise is None:
-            raise ValueError("Euler ancestral steps draw noise: pass `noise` from `draw_noise`.")
+        model_output, _ = self.split_model_output(model_output, sample)
+        self._require_noise(noise)
         sample = sample.to(torch.float32)
         c = self._coefficients(indices, sample)
         x0 = self._to_x0(model_output, sample, c)

@@ -16,8 +16,8 @@ class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscre
     """
 
     def _step_table(self):
-        sigmas = self.sigmas[:-1], self.sigmas[1:]
-        return {"sigma": sigmas[0], "sigma_next": sigmas[1], "dt": sigmas[1] - sigmas[0]}
+        sigmas = self.sigmas.cpu()
+        return {"sigma": sigmas[:-1], "sigma_next": sigmas[1:], "dt": sigmas[1:] - sigmas[:-1]}
 
     def _to_x0(self, model_output, sample, c):
         return sample - c["sigma"] * model_output
@@ -39,12 +39,11 @@ class PCRFlowMatchEulerDiscreteScheduler(PCRSchedulerMixin, FlowMatchEulerDiscre
             indices: `(n,)` positions in `timesteps`.
             noise: `(n, B, C, H, W)` standard-normal draws from `draw_noise`; needed with `stochastic_sampling`.
         """
-        self._check_ready(model_output, sample)
+        model_output, _ = self.split_model_output(model_output, sample)
         sample = sample.to(torch.float32)
         c = self._coefficients(indices, sample)
         if self.config.stochastic_sampling:
-            if noise is None:
-                raise ValueError("Stochastic flow-matching steps draw noise: pass `noise` from `draw_noise`.")
+            self._require_noise(noise)
             x0 = self._to_x0(model_output, sample, c)
             prev_sample = (1.0 - c["sigma_next"]) * x0 + c["sigma_next"] * noise
         else:

@@ -1,19 +1,30 @@
 """What parallel sampling asks of a scheduler: the update of many timesteps in one vectorised call.
 
-A PCR scheduler subclasses a diffusers scheduler, so its config, `set_timesteps`, timestep spacings and `step` are
-the base scheduler's own. It adds:
+A PCR scheduler (a "twin") subclasses a diffusers scheduler and overrides none of its methods: its config,
+`set_timesteps` (with the parent's signature, so diffusers' `retrieve_timesteps` sees `timesteps`/`sigmas`), `step`,
+`scale_model_input` and everything else are the base scheduler's own, and the twin behaves as its parent wherever the
+parallel path is not used. It adds, for the steps at positions `indices` of `timesteps` (a LongTensor `(n,)`), on
+arrays whose first axis is those n steps and whose other axes are the pipeline's latents `(B, C, H, W)`:
 
-- `batch_step(model_output, indices, sample, noise)`: the base `step` for the timesteps at positions `indices` of
-  `timesteps`, all at once, with the step's random draw passed in as standard-normal `noise` instead of drawn;
-- `draw_noise(shape, generator, ...)`: every draw the sequential loop makes after the initial latents, in the same
-  order and from the same generator, so the parallel result equals the sequential one for the same seed;
-- `batch_scale_model_input(sample, indices)` and `state_scale(indices)`;
-- `batch_predict_x0` and `batch_model_output_from_x0`: the conversions between the model's output and its
-  denoised prediction, which the solver's Jacobians and predictors use.
+- `batch_step(model_output, indices, sample, noise, **step_kwargs) -> prev_sample`: the base `step` for all n steps
+  at once, `(n, B, C, H, W)`, with the step's random draw passed in as standard-normal `noise` `(n, B, C, H, W)`
+  (None when no step of the schedule draws) instead of drawn. `model_output` may have more channels than `sample`
+  where the base step splits them off (DDPM's learned variances).
+- `draw_noise(shape, generator, device, dtype, **step_kwargs) -> (N, *shape) or None`: every draw the sequential loop
+  makes after the initial latents, in the same order and from the same generator, so the parallel result equals the
+  sequential one for the same seed.
+- `batch_timesteps(indices)`, `batch_scale_model_input(sample, indices)` and `state_scale(indices)`.
+- `batch_predict_x0(model_output, indices, sample)` and `batch_model_output_from_x0(x0, indices, sample, extra)`:
+  the conversions between the model's output and its denoised prediction, which the solver's Jacobians and
+  predictors use.
 
-Arrays are `(n, *shape)`: the n timesteps first, then the pipeline's latents shape `(B, C, H, W)`. Per-step
-coefficients are computed once per `set_timesteps`, step by step with the base scheduler's own scalar arithmetic,
-so they are bitwise the ones its `step` uses.
+A twin provides `_step_table()`: its per-step coefficients `(N,)` over the whole schedule, computed after
+`set_timesteps` with the base scheduler's own arithmetic (the same float ops, so the same numbers as its `step`), on
+the CPU; `_to_x0(model_output, sample, c)` and `_from_x0(x0, sample, c)` on the model output's mean part, where `c`
+maps each table name to its coefficients shaped `(n, 1, ..., 1)`; `batch_step`; and, if its steps draw noise,
+`noise_mask(**step_kwargs)`. Tables are built lazily, once per `set_timesteps` and device, and indexed on the device
+of `indices`: a round reads no value back to the host and copies nothing to the device. Indices are positions in the
+full schedule, so a chain may start mid-way (img2img) or stop early (`denoising_end`).
 """
 
 import torch
@@ -21,30 +32,62 @@ from diffusers.utils.torch_utils import randn_tensor
 
 
 def per_step(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Gathers per-step coefficients `(N,)` at `indices` and shapes them `(n, 1, ..., 1)` to broadcast like `like`."""
-    out = values.to(like.device)[indices.to(like.device)]
-    return out.reshape(-1, *([1] * (like.ndim - 1)))
+    """Gathers per-step values `(N,)` at `indices` (on their device) and shapes them `(n, 1, ..., 1)` like `like`."""
+    return values[indices].reshape(-1, *([1] * (like.ndim - 1)))
 
 
 class PCRSchedulerMixin:
-    """Batched steps for a diffusers scheduler; see the module docstring. Subclasses set `_supported` options."""
-
-    def set_timesteps(self, *args, **kwargs):
-        super().set_timesteps(*args, **kwargs)
-        self._table = self._step_table()
+    """Batched steps for a diffusers scheduler; see the module docstring for the contract."""
 
     def _step_table(self) -> dict[str, torch.Tensor]:
-        """Per-step coefficients `(N,)`, computed with the base scheduler's scalar arithmetic."""
+        """Per-step coefficients `(N,)` on the CPU, computed with the base scheduler's arithmetic."""
         raise NotImplementedError
 
-    def _check_ready(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
-        if getattr(self, "_table", None) is None:
-            raise RuntimeError("Call `set_timesteps` before `batch_step`.")
+    def step_table(self, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """The per-step coefficients and `"timesteps"` on `device`, built once per `set_timesteps` and device.
+
+        Raises the twin's `ValueError` for a configuration its batched step does not reproduce (the plain `step`
+        still works for it), and a `RuntimeError` where the parent's `step` needs `set_timesteps` first.
+        """
+        cache = getattr(self, "_pcr_tables", None)
+        if cache is None or cache["timesteps"] is not self.timesteps:  # set_timesteps makes a new `timesteps`
+            cache = self._pcr_tables = {"timesteps": self.timesteps}
+        device = torch.device(device)
+        if device not in cache:
+            if "host" not in cache:
+                cpu = {**self._step_table(), "timesteps": self.timesteps.cpu()}
+                cache[torch.device("cpu")] = cpu
+                cache["host"] = {name: values.tolist() for name, values in cpu.items()}
+            cache[device] = {name: values.to(device) for name, values in cache[torch.device("cpu")].items()}
+        return cache[device]
+
+    def host_table(self) -> dict[str, list]:
+        """The per-step coefficients as Python lists, for what is decided on the host once per `set_timesteps`
+        (which steps draw noise), so no round reads a device value for it."""
+        self.step_table("cpu")
+        return self._pcr_tables["host"]
+
+    def _coefficients(self, indices: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        table = self.step_table(indices.device)
+        return {name: per_step(values, indices, like).to(like.dtype) for name, values in table.items()}
+
+    def split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
+        """`(mean part, extra)`: the part of the model output the update's mean reads, and what else the model
+        predicts (DDPM's learned variances) or None."""
         if model_output.shape != sample.shape:
             raise ValueError(
-                f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, "
-                f"got {tuple(model_output.shape)}."
+                f"`model_output` must have the shape of `sample` {tuple(sample.shape)}, got "
+                f"{tuple(model_output.shape)}."
             )
+        return model_output, None
+
+    def join_model_output(self, mean: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+        """The inverse of `split_model_output`."""
+        return mean if extra is None else torch.cat([mean, extra], dim=2)
+
+    def batch_timesteps(self, indices: torch.Tensor) -> torch.Tensor:
+        """`timesteps[indices]`, on the device of `indices`."""
+        return self.step_table(indices.device)["timesteps"][indices]
 
     def noise_mask(self, **step_kwargs) -> list[bool]:
         """Which of the `timesteps` draw noise in the base `step`, given that step's keyword arguments."""
@@ -55,25 +98,31 @@ class PCRSchedulerMixin:
         return dtype
 
     def draw_noise(
-        self, shape, generator=None, device=None, dtype=torch.float32, **step_kwargs
+        self, shape, generator=None, device=None, dtype=torch.float32, steps: range | None = None, **step_kwargs
     ) -> torch.Tensor | None:
-        """Draws the noise of all steps, `(N, *shape)`, as the sequential loop would; None if no step draws any.
+        """Draws the noise of the steps at positions `steps` (default: all N), `(len(steps), *shape)`, as the
+        sequential loop over those steps would; None if none of them draws any.
 
         `shape`, `generator`, `device` and `dtype` are those of the model output the base `step` would see; steps
-        that draw nothing get zeros.
+        that draw nothing get zeros. Drawn where the generator lives (as `randn_tensor` draws) and moved to `device`
+        in one copy.
         """
         mask = self.noise_mask(**step_kwargs)
+        mask = mask if steps is None else mask[steps.start : steps.stop]
         if not any(mask):
             return None
         dtype = self.noise_dtype(dtype)
-        return torch.stack(
+        first = generator[0] if isinstance(generator, list) else generator
+        draw_device = first.device if first is not None else device
+        noise = torch.stack(
             [
-                randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                randn_tensor(shape, generator=generator, device=draw_device, dtype=dtype)
                 if draws
-                else torch.zeros(shape, device=device, dtype=dtype)
+                else torch.zeros(shape, device=draw_device, dtype=dtype)
                 for draws in mask
             ]
         )
+        return noise.to(device)
 
     def batch_scale_model_input(self, sample: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """`scale_model_input` for many timesteps; the identity unless the base scheduler scales its input."""
@@ -82,21 +131,27 @@ class PCRSchedulerMixin:
     def state_scale(self, indices: torch.Tensor) -> torch.Tensor:
         """The typical size of the state after each step `(n,)`: 1, or `sqrt(sigma^2 + 1)` for variance-exploding
         schedulers. Tolerances are taken relative to it."""
-        return torch.ones(len(indices), dtype=torch.float64)
+        table = self.step_table(indices.device)
+        if "state_scale" in table:
+            return table["state_scale"][indices].double()
+        return torch.ones(len(indices), dtype=torch.float64, device=indices.device)
 
     def batch_step(self, model_output, indices, sample, noise=None, **step_kwargs) -> torch.Tensor:
         raise NotImplementedError
 
-    def _coefficients(self, indices: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {name: per_step(values, indices, like).to(like.dtype) for name, values in self._table.items()}
-
     def batch_predict_x0(self, model_output, indices, sample) -> torch.Tensor:
         """The denoised prediction `x0` the model output stands for at `sample` (before any clipping)."""
-        return self._to_x0(model_output, sample, self._coefficients(indices, sample))
+        mean, _ = self.split_model_output(model_output, sample)
+        return self._to_x0(mean, sample, self._coefficients(indices, sample))
 
-    def batch_model_output_from_x0(self, x0, indices, sample) -> torch.Tensor:
-        """The model output that would predict `x0` at `sample`: the inverse of `batch_predict_x0`."""
-        return self._from_x0(x0, sample, self._coefficients(indices, sample))
+    def batch_model_output_from_x0(self, x0, indices, sample, extra=None) -> torch.Tensor:
+        """The model output that would predict `x0` at `sample` (with `extra` as the rest of the output): the
+        inverse of `batch_predict_x0`."""
+        return self.join_model_output(self._from_x0(x0, sample, self._coefficients(indices, sample)), extra)
+
+    def _require_noise(self, noise) -> None:
+        if noise is None:
+            raise ValueError(f"These {type(self).__name__} steps draw noise: pass `noise` from `draw_noise`.")
 
     @classmethod
     def from_scheduler(cls, scheduler):
@@ -108,4 +163,7 @@ class PCRSchedulerMixin:
         return cls.from_config({key: value for key, value in scheduler.config.items() if key != "_use_default_values"})
 
     def _unsupported(self, option: str, value, allowed) -> ValueError:
-        return ValueError(f"{type(self).__name__} supports {option} in {tuple(allowed)}, got {value!r}.")
+        return ValueError(
+            f"{type(self).__name__}'s batched step supports {option} in {tuple(allowed)}, got {value!r}; "
+            "parallel sampling cannot reproduce this scheduler exactly."
+        )
