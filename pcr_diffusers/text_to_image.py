@@ -132,12 +132,17 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         return self.for_call(PCRScheduler.from_scheduler(self.scheduler))
 
     def pcr_timesteps(
-        self, num_inference_steps, device, timesteps=None, sigmas=None, **set_timesteps_kwargs
+        self, num_inference_steps, timesteps=None, sigmas=None, **set_timesteps_kwargs
     ) -> PCRSchedulerMixin:
         """Sets the timesteps of this call's scheduler twin as the parent's `retrieve_timesteps` sets its
         scheduler's (its errors for unsupported custom `timesteps` / `sigmas` are the parent's too), and returns the
-        twin. Its `init_noise_sigma`, which the parent's `prepare_latents` reads, depends on them."""
-        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas, **set_timesteps_kwargs)
+        twin. Its `init_noise_sigma`, which the parent's `prepare_latents` reads, depends on them.
+
+        The twin keeps its timesteps on the CPU, where diffusers computes them before moving them to the pipeline's
+        device (the same values): its per-step tables are built from them once and moved to the latents' device
+        once (`PCRSchedulerMixin.step_table`), and no round copies a table or a timestep between devices.
+        """
+        retrieve_timesteps(self.scheduler, num_inference_steps, None, timesteps, sigmas, **set_timesteps_kwargs)
         self._num_timesteps = len(self.scheduler.timesteps)
         return self.scheduler
 

@@ -124,7 +124,7 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 3. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order
-        scheduler = self.pcr_timesteps(num_inference_steps, device, timesteps, sigmas)
+        scheduler = self.pcr_timesteps(num_inference_steps, timesteps, sigmas)
         latents = self.prepare_latents(
             batch_size, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )

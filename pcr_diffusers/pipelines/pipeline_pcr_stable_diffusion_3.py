@@ -164,7 +164,7 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
                 self.scheduler.config.get("max_shift", 1.16),
             )
         shift = {} if mu is None else {"mu": mu}
-        scheduler = self.pcr_timesteps(num_inference_steps, device, sigmas=sigmas, **shift)
+        scheduler = self.pcr_timesteps(num_inference_steps, sigmas=sigmas, **shift)
         # the parent's scheduler step gets no generator: its stochastic steps draw from the global RNG
         noise = scheduler.draw_noise(latents.shape, None, latents.device, latents.dtype)
 

@@ -138,7 +138,7 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
             )
 
         # 3. Timesteps (the first ones only, with `denoising_end`), latents and every step's noise
-        scheduler = self.pcr_timesteps(num_inference_steps, device, timesteps, sigmas)
+        scheduler = self.pcr_timesteps(num_inference_steps, timesteps, sigmas)
         steps = range(len(scheduler.timesteps))
         if denoising_end is not None and isinstance(denoising_end, float) and 0 < denoising_end < 1:
             num_train_timesteps = scheduler.config.num_train_timesteps
