@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from diffusers.pipelines import pipeline_utils as diffusers_pipeline_utils
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.utils.torch_utils import is_compiled_module, randn_tensor
 
 from .sampling import (
     DenoisingChain,
@@ -147,7 +147,11 @@ class PCRPipelineMixin:
         model_dtype = latents.dtype
         solver_dtype = torch.float32 if model_dtype in (torch.float16, torch.bfloat16) else model_dtype
         noise = None if noise is None else noise.to(latents.device, solver_dtype)
-        chain = DenoisingChain(model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype, steps=steps)
+        # a compiled model gets one shape per call: it compiles once, and CUDA graphs capture one call
+        static_shapes = any(is_compiled_module(component) for component in self.components.values())
+        chain = DenoisingChain(
+            model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype, steps=steps, static_shapes=static_shapes
+        )
         denoise = denoise_sequential if options.parallel == 1 else denoise_parallel
         main_process = default_process_group() is None or dist.get_rank() == 0
         with self.progress_bar(total=len(chain)) if main_process else nullcontext() as progress_bar:

@@ -146,6 +146,8 @@ class DenoisingChain:
         steps: the positions in the scheduler's `timesteps` that the chain runs, a `range` with step 1: the chain's
             step l is the schedule's step `steps[l]`. Default: all of them; img2img starts later, SDXL's
             `denoising_end` stops earlier, and the scheduler's tables stay those of the whole schedule.
+        static_shapes: call the model on the same number of rows every round (the parallel solve pads its last
+            windows): for a `torch.compile`d model, which then compiles once, and for CUDA graphs.
 
     The chain remembers the last step it evaluated (its input and model output): `extend` predicts the steps after
     it from that step's denoised prediction.
@@ -160,6 +162,7 @@ class DenoisingChain:
         process_group=None,
         model_dtype: torch.dtype | None = None,
         steps: range | None = None,
+        static_shapes: bool = False,
     ):
         steps = range(len(scheduler.timesteps)) if steps is None else steps
         if (
@@ -184,14 +187,19 @@ class DenoisingChain:
         self.noise = noise
         self.step_kwargs = step_kwargs
         self.steps = steps
+        self.static_shapes = static_shapes
         self._frontier = None
+        self._positions = None  # (ls, its schedule positions), computed once per round
 
     def __len__(self):
         return len(self.steps)
 
     def positions(self, ls: torch.Tensor) -> torch.Tensor:
-        """The schedule positions of the chain's steps `ls`."""
-        return ls + self.steps.start
+        """The schedule positions of the chain's steps `ls` (the same tensor for the same `ls`, so that the
+        scheduler gathers a round's coefficients once)."""
+        if self._positions is None or self._positions[0] is not ls:
+            self._positions = (ls, ls + self.steps.start)
+        return self._positions[1]
 
     def model_output(self, ls: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         """The model at the states `x_prev` `(n, B, C, H, W)` and timesteps `timesteps[ls]`, in one call."""
@@ -203,7 +211,8 @@ class DenoisingChain:
             self.model_fn.rows_per_step = batch  # shard on whole steps: a guided model needs a step's B rows together
         out = self.model_fn(model_input, t.repeat_interleave(batch))
         out = out.reshape(n, batch, *out.shape[1:]).to(x_prev.dtype)  # (n, B, C', H, W)
-        self._frontier = (ls[-1:], x_prev[-1:], out[-1:])
+        # a copy: a CUDA graph's outputs are overwritten by its next replay, and `extend` reads this after it
+        self._frontier = (ls[-1:], x_prev[-1:], out[-1:].clone())
         return out
 
     def update(self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
@@ -473,6 +482,7 @@ def denoise_parallel(
         window=window,
         extend=chain.extend,
         callback=callback,
+        pad_window=chain.static_shapes,
     )
     done = result.num_accepted
     x = latents if done == 0 else result.states[done - 1]

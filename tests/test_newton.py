@@ -185,3 +185,20 @@ def test_extend_predicts_the_steps_entering_the_window():
     assert predicted.converged and predicted.num_iters < plain.num_iters
     assert calls and all(start >= 10 for start, _ in calls)  # only steps entering after the first window
     torch.testing.assert_close(predicted.states, ref, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("jacobian", ["secant", "exact"])
+def test_pad_window_calls_step_with_one_shape_and_changes_nothing(jacobian):
+    L, window = 23, 7
+    step, x0 = residual_chain(L)
+    sizes = []
+
+    def recording(ls, x):
+        sizes.append(len(ls))
+        return step(ls, x)
+
+    padded = newton_solve(recording, x0, L, jacobian=jacobian, tol=1e-12, window=window, pad_window=True)
+    plain = newton_solve(step, x0, L, jacobian=jacobian, tol=1e-12, window=window)
+    assert set(sizes) == {window} and padded.converged
+    assert padded.num_iters == plain.num_iters and padded.num_evaluations == window * padded.num_iters
+    torch.testing.assert_close(padded.states, plain.states, rtol=0, atol=1e-14)

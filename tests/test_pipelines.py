@@ -191,3 +191,23 @@ def test_a_tolerance_below_the_model_precision_warns_and_the_window_used_is_repo
         out = pcr(num_inference_steps=4, tolerance=1e-12, parallel=10**9, output_type="np")
     assert sum("below a tenth of the model's torch.float32 precision" in r.message for r in caplog.records) == 1
     assert out.stats.window == 4 and out.stats.converged
+
+
+def test_a_compiled_model_is_called_with_one_shape(tiny_unet):
+    """With a `torch.compile`d UNet every round calls it on window x batch rows, also where the window runs past the
+    last step, so it compiles once (and CUDA graphs capture one call); the result is that of the eager model."""
+    pipe = DDPMPipeline(tiny_unet, DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    eager = PCRDDPMPipeline.from_pipe(pipe)(
+        batch_size=2, generator=generators([0, 1]), num_inference_steps=11, parallel=4, **TIGHT
+    )
+    rows = []
+    hook = tiny_unet.register_forward_pre_hook(lambda module, args: rows.append(len(args[0])))
+    try:
+        compiled = PCRDDPMPipeline(torch.compile(tiny_unet, backend="eager"), DDPMScheduler())
+        compiled.set_progress_bar_config(disable=True)
+        out = compiled(batch_size=2, generator=generators([0, 1]), num_inference_steps=11, parallel=4, **TIGHT)
+    finally:
+        hook.remove()
+    assert set(rows) == {4 * 2} and out.stats.converged
+    np.testing.assert_allclose(out.images, eager.images, atol=1e-7)

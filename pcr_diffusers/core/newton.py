@@ -62,6 +62,7 @@ def newton_solve(
     window: int | None = None,
     extend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: Callable | None = None,
+    pad_window: bool = False,
 ) -> SolveResult:
     r"""Solves the chain `x_l = f_l(x_{l-1})`, l = 1..L, for all states at once by Newton's method.
 
@@ -108,6 +109,9 @@ def newton_solve(
             the last state before them (a cheap predictor, such as a diffusion sampler's rollout with the model
             output held fixed). Default: the `init` values, or without `init` the last state repeated (ParaDiGMS).
         callback: called after every iteration as `callback(num_iters=..., num_accepted=..., residual=...)`.
+        pad_window: call `step` on exactly `window` steps every iteration, repeating the last step where the window
+            runs past the chain's end (the extra rows are evaluated and dropped), so `step` sees one shape: what
+            `torch.compile` without dynamic shapes and CUDA graphs need to capture a call once.
 
     Returns:
         `SolveResult`. A non-finite step output, Jacobian or update stops the solve with `converged=False` and the
@@ -143,9 +147,15 @@ def newton_solve(
             ls = torch.arange(start, end, device=x0.device)
             first = x0 if start == 0 else states[start - 1]
             x_prev = torch.cat([first.unsqueeze(0), states[start : end - 1]])  # (n, *state)
-            fx, A = jac.evaluate(step, ls, x_prev)
+            if pad_window and end - start < window:
+                pad = window - (end - start)
+                ls_padded = torch.cat([ls, ls[-1:].expand(pad)])
+                x_padded = torch.cat([x_prev, x_prev[-1:].expand(pad, *x0.shape)])  # (window, *state)
+                fx, A = (value[: end - start] for value in jac.evaluate(step, ls_padded, x_padded))
+            else:
+                fx, A = jac.evaluate(step, ls, x_prev)
             num_iters += 1
-            num_evaluations += end - start
+            num_evaluations += window if pad_window else end - start
             r = fx - states[start:end]  # (n, *state), each step's residual at the input it was evaluated at
             step_residuals = r.reshape(end - start, -1).abs().amax(1)  # (n,)
             # The leading steps within tolerance keep their states, so their inputs, and with them their

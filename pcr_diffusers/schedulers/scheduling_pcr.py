@@ -68,8 +68,15 @@ class PCRSchedulerMixin:
         return self._pcr_tables["host"]
 
     def _coefficients(self, indices: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every table's values at `indices`, shaped `(n, 1, ..., 1)` in `like`'s dtype; gathered once for the same
+        `indices` tensor (a round passes the same one to its several batched calls)."""
         table = self.step_table(indices.device)
-        return {name: per_step(values, indices, like).to(like.dtype) for name, values in table.items()}
+        key = (like.dtype, like.ndim)
+        cached = getattr(self, "_pcr_gathered", None)
+        if cached is None or cached[0] != key or cached[1] is not indices or cached[2] is not table:
+            gathered = {name: per_step(values, indices, like).to(like.dtype) for name, values in table.items()}
+            cached = self._pcr_gathered = (key, indices, table, gathered)
+        return cached[3]
 
     def split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         """`(mean part, extra)`: the part of the model output the update's mean reads, and what else the model
