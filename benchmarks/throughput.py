@@ -6,22 +6,27 @@ speed-up over sequential sampling on the shipped digits model. Runs on CUDA when
     python benchmarks/throughput.py --compile          # also torch.compile'd (CUDA graphs on CUDA); keeps the faster
     python benchmarks/throughput.py --device cuda      # adds a full-size SD 1.5 UNet (random weights, float16)
 
-Part 1, round throughput: one round is one model call on `window x batch` rows; `steps/s` is how many denoising
-steps a round advances per second if every step of the window is accepted, the upper bound on parallel speed-up
-(`x window 1` compares it with one step per call, the sequential loop). Part 2: DDPM-1000 and DDIM-50 with the
-sequential diffusers pipeline and with ours (default window, `"auto"` window), side by side, both with the faster
-model variant of part 1.
+Part 1, round throughput: one model call on `window x batch` rows, and one whole round of the solver (the call,
+the Jacobian, the linear solves, the predictor and the round's one host read; `pcr_diffusers.sampling` on the
+digits model). `steps/s` is how many denoising steps a round advances per second if every step of the window is
+accepted, the upper bound on parallel speed-up (`x window 1` compares it with one step per call, the sequential
+loop). Part 2: DDPM-1000 and DDIM-50 with the sequential diffusers pipeline and with ours (default window, and the
+window `"auto"` picks, fixed before timing), side by side, fastest of `--repeats-end-to-end` runs, with the faster
+model variant of part 1. A compiled model is warmed up 3 times (CUDA graphs record on the first calls); TF32 is
+off, so the difference column measures the solver, not TF32's rounding.
 """
 
 import argparse
 
 import numpy as np
 import torch
-from common import device_name, print_table, seconds
+from common import device_name, one_round_seconds, print_table, seconds
 from diffusers import DDIMPipeline, DDPMPipeline, UNet2DConditionModel
 
 from pcr_diffusers import load_digits_pipeline
 from pcr_diffusers.pipelines import PCRDDIMPipeline, PCRDDPMPipeline
+from pcr_diffusers.sampling import DenoisingChain
+from pcr_diffusers.schedulers import PCRScheduler
 
 SD15_UNET_CONFIG = dict(  # stable-diffusion-v1-5's unet/config.json
     sample_size=64,
@@ -43,15 +48,17 @@ def compiled(model, device):
     return torch.compile(model, dynamic=True)
 
 
-def round_throughput(title, variants, make_inputs, windows, device, repeats):
-    """Times one call per window for each model variant; returns {window: fastest variant's name}."""
+def round_throughput(title, variants, make_inputs, windows, device, repeats, round_time=None):
+    """Times one call per window for each model variant (and, with `round_time(window)`, one whole round of the
+    solver with the fastest variant); returns {window: fastest variant's name}."""
     rows, fastest, base = [], {}, {}
     for window in windows:
         inputs = make_inputs(window)
         times = {}
         for name, call in variants.items():
+            warmup = 3 if name == "compiled" else 1
             try:
-                times[name] = seconds(lambda call=call, inputs=inputs: call(*inputs), repeats, device)
+                times[name] = seconds(lambda call=call, inputs=inputs: call(*inputs), repeats, device, warmup)
             except torch.cuda.OutOfMemoryError:
                 times[name] = float("inf")
         best = min(times, key=times.get)
@@ -61,17 +68,20 @@ def round_throughput(title, variants, make_inputs, windows, device, repeats):
             break
         base = base or {name: t for name, t in times.items()}
         speedups = "  ".join(f"{name} {window * base[name] / t:.1f}x" for name, t in times.items())
+        whole = "" if round_time is None else f"{round_time(window, best) * 1e3:.1f}"
         rows.append(
             [
                 window,
                 "  ".join(f"{name} {t * 1e3:.1f}" for name, t in times.items()),
+                whole,
                 f"{window / times[best]:.0f}",
                 speedups,
                 best,
             ]
         )
-    print(f"\n{title}, on {device_name(device)}: one round = one call on window x batch rows")
-    print_table(["window", "ms per round", "steps / s (best)", "steps / s x window 1", "faster"], rows)
+    print(f"\n{title}, on {device_name(device)}: one call on window x batch rows, and one whole round")
+    header = ["window", "ms per call", "ms per round", "steps / s (call)", "steps / s x window 1", "faster"]
+    print_table(header, rows)
     return fastest
 
 
@@ -85,8 +95,20 @@ def digits_throughput(unet, args):
         n = window * args.batch
         return torch.randn(n, 1, 8, 8, device=args.device), torch.randint(0, 1000, (n,), device=args.device)
 
+    digits = load_digits_pipeline()
+    twin = PCRScheduler.from_scheduler(digits.scheduler)
+    twin.set_timesteps(max(args.windows))
+    shape = (args.batch, 1, 8, 8)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(args.device)
+    noise = twin.draw_noise(shape, torch.Generator().manual_seed(1), args.device)
+
+    def round_time(window, variant):
+        model = fast if variant == "compiled" else unet
+        chain = DenoisingChain(lambda x, t: model(x, t).sample, twin, noise, process_group=False)
+        return one_round_seconds(chain, latents, window, args.repeats, args.device, 3 if variant == "compiled" else 1)
+
     title = f"digits UNet ({sum(p.numel() for p in unet.parameters()) / 1e6:.2f}M parameters), batch {args.batch}"
-    fastest = round_throughput(title, variants, make_inputs, args.windows, args.device, args.repeats)
+    fastest = round_throughput(title, variants, make_inputs, args.windows, args.device, args.repeats, round_time)
     return fast if args.compile and fastest.get(64, "eager") == "compiled" else unet
 
 
@@ -109,7 +131,8 @@ def end_to_end(unet, args):
         ref = run(sequential).images
         t_seq = seconds(lambda pipe=sequential: run(pipe), args.repeats_end_to_end, args.device)
         rows.append([name, "sequential (diffusers)", steps, steps, f"{t_seq:.2f}", "1.0x", "0"])
-        for label, kwargs in [("ours, default window", {}), ('ours, parallel="auto"', {"parallel": "auto"})]:
+        auto = run(pcr, parallel="auto").stats.window  # fixed before timing: "auto" probes on every call
+        for label, kwargs in [("ours, default window", {}), ('ours, the window "auto" picks', {"parallel": auto})]:
             out = run(pcr, **kwargs)
             t = seconds(lambda pipe=pcr, kwargs=kwargs: run(pipe, **kwargs), args.repeats_end_to_end, args.device)
             label += f" ({out.stats.window})"
@@ -155,12 +178,13 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--windows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--repeats-end-to-end", type=int, default=1)
+    parser.add_argument("--repeats-end-to-end", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd models")
     parser.add_argument("--sd15", action=argparse.BooleanOptionalAction, default=None, help="default: on CUDA")
     parser.add_argument("--quick", action="store_true", help="windows up to 16, no end-to-end run")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.quick:
         args.windows = [w for w in args.windows if w <= 16]
     unet = load_digits_pipeline().unet.to(args.device)

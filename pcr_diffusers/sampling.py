@@ -19,6 +19,7 @@ from accelerate.utils import convert_file_size_to_int
 from .core import ConstantJacobian, Jacobian, newton_solve, pcr_solve
 from .memory import fit_window
 from .schedulers import PCRSchedulerMixin
+from .schedulers.scheduling_pcr import StepHistory
 
 logger = logging.getLogger(__name__)
 
@@ -150,7 +151,10 @@ class DenoisingChain:
             windows): for a `torch.compile`d model, which then compiles once, and for CUDA graphs.
 
     The chain remembers the last step it evaluated (its input and model output): `extend` predicts the steps after
-    it from that step's denoised prediction.
+    it from that step's denoised prediction. For a multistep scheduler (`history_size` K > 0) it also keeps every
+    step's model input and converted output, written by each model call before any step reads them: a step of the
+    window reads the K steps before it from the same call, or from the accepted steps before the window, whose
+    inputs are final (see `PCRSchedulerMixin`).
     """
 
     def __init__(
@@ -190,6 +194,7 @@ class DenoisingChain:
         self.static_shapes = static_shapes
         self._frontier = None
         self._positions = None  # (ls, its schedule positions), computed once per round
+        self._samples = self._outputs = None  # (L, B, C, H, W): every step's model input and converted output
 
     def __len__(self):
         return len(self.steps)
@@ -213,26 +218,57 @@ class DenoisingChain:
         out = out.reshape(n, batch, *out.shape[1:]).to(x_prev.dtype)  # (n, B, C', H, W)
         # a copy: a CUDA graph's outputs are overwritten by its next replay, and `extend` reads this after it
         self._frontier = (ls[-1:], x_prev[-1:], out[-1:].clone())
+        if self.scheduler.history_size:
+            self._record(ls, x_prev, out)
         return out
 
-    def update(self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
-        """The scheduler's step for the given model outputs and the pre-drawn noise of those steps."""
+    def _record(self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor) -> None:
+        """Keeps the steps' model inputs and converted outputs for the steps after them to read."""
+        converted = self.scheduler.batch_convert_model_output(
+            model_output, self.positions(ls), x_prev, self.steps.start
+        )
+        if self._samples is None:
+            self._samples = x_prev.new_zeros(len(self), *x_prev.shape[1:])  # (L, B, C, H, W)
+            self._outputs = converted.new_zeros(len(self), *converted.shape[1:])
+        self._samples[ls], self._outputs[ls] = x_prev, converted
+
+    def history(self, ls: torch.Tensor) -> StepHistory:
+        """What steps `ls` read of the K steps before each: `(n, K, B, C, H, W)` inputs and converted outputs,
+        zeros before the chain's first step."""
+        lags = ls.unsqueeze(1) - torch.arange(1, self.scheduler.history_size + 1, device=ls.device)  # (n, K)
+        before = (lags < 0).reshape(*lags.shape, *([1] * (self._samples.ndim - 1)))
+        lags = lags.clamp(min=0)
+        return StepHistory(self._samples[lags].masked_fill(before, 0), self._outputs[lags].masked_fill(before, 0))
+
+    def update(
+        self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor, history: StepHistory | None = None
+    ) -> torch.Tensor:
+        """The scheduler's step for the given model outputs and the pre-drawn noise of those steps; a multistep
+        scheduler's step also reads `history` (default: the chain's record of the steps before, as constants)."""
         noise = None if self.noise is None else self.noise[ls]
-        positions = self.positions(ls)
-        return self.scheduler.batch_step(model_output, positions, x_prev, noise, **self.step_kwargs).to(x_prev.dtype)
+        kwargs = dict(self.step_kwargs)
+        if self.scheduler.history_size:
+            kwargs.update(history=self.history(ls) if history is None else history, start=self.steps.start)
+        return self.scheduler.batch_step(model_output, self.positions(ls), x_prev, noise, **kwargs).to(x_prev.dtype)
 
     def __call__(self, ls: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.update(ls, x_prev, self.model_output(ls, x_prev))
 
-    def _frozen_x0_update(self, ls, x0, extra):
+    def _frozen_x0_update(self, ls, x0, extra, own_history: bool = False):
         """`x -> Phi_l(x)` with the model output that predicts `x0` at `x` (and `extra`, the rest of the model's
-        output, such as learned variances, held fixed): affine in `x`."""
+        output, such as learned variances, held fixed): affine in `x`. With `own_history`, a multistep step reads
+        its own input and output as its history, which makes it first order (for steps whose history is unknown)."""
         positions = self.positions(ls)
 
         def update(x):
             rest = None if extra is None else extra.expand(len(ls), *extra.shape[1:])
             model_output = self.scheduler.batch_model_output_from_x0(x0.expand_as(x), positions, x, rest)
-            return self.update(ls, x, model_output)
+            history = None
+            if own_history and self.scheduler.history_size:
+                converted = self.scheduler.batch_convert_model_output(model_output, positions, x, self.steps.start)
+                lags = (len(ls), self.scheduler.history_size, *x.shape[1:])
+                history = StepHistory(x.unsqueeze(1).expand(lags), converted.unsqueeze(1).expand(lags))
+            return self.update(ls, x, model_output, history)
 
         return update
 
@@ -272,7 +308,7 @@ class DenoisingChain:
         x0, extra = self._denoised(last, x_prev, model_output)
         zeros = torch.zeros(len(ls), *x_last.shape, dtype=x_last.dtype, device=x_last.device)
         with torch.enable_grad():
-            beta, vjp = torch.func.vjp(self._frozen_x0_update(ls, x0, extra), zeros)
+            beta, vjp = torch.func.vjp(self._frozen_x0_update(ls, x0, extra, own_history=True), zeros)
             (alpha,) = vjp(torch.ones_like(beta))
         return pcr_solve(alpha.detach(), beta.detach(), x_last, check_finite=False)  # NaNs show in the residuals
 

@@ -12,12 +12,12 @@ from conftest import (
     tiny_stable_diffusion_xl_components,
     tiny_unet2d,
 )
-from diffusers import DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
 from test_schedulers import CASES, SHAPE, case_id
-from torch.overrides import TorchFunctionMode
 
 from pcr_diffusers import load_digits_pipeline
 from pcr_diffusers.core import pcr_solve
+from pcr_diffusers.diagnostics import HostTraffic
 from pcr_diffusers.pipelines import (
     PCRDDIMPipeline,
     PCRDDPMPipeline,
@@ -53,7 +53,16 @@ def test_scheduler_twins_work_on_device_tensors(case):
 
 
 @pytest.mark.parametrize("jacobian", DIFFUSION_JACOBIANS)
-@pytest.mark.parametrize("scheduler", [DDPMScheduler(), DDIMScheduler(), EulerAncestralDiscreteScheduler()])
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        DDPMScheduler(),
+        DDIMScheduler(),
+        EulerAncestralDiscreteScheduler(),
+        DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3),
+    ],
+    ids=lambda s: type(s).__name__,
+)
 def test_a_round_of_the_chain_works_on_device_tensors(scheduler, jacobian):
     """What a parallel round does besides reading its one summary: the batched model call and step, the Jacobian,
     the predictor for entering steps and the linear solve."""
@@ -95,33 +104,6 @@ def test_pipelines_run_on_the_device_of_their_models():
         assert out.images.device == META, type(pipe).__name__
 
 
-HOST_READS = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__format__"}
-HOST_DATA = {"tensor", "as_tensor", "from_numpy"}
-
-
-class CountHostTraffic(TorchFunctionMode):
-    """Counts what would cross between host and device on a GPU: reads of tensor values on the host (`.item()`,
-    `bool()`, `.tolist()`, `.cpu()`, ...) and tensors made from host data (`torch.tensor(...)`), and `.to()` calls
-    that name a device."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = self.copies = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = getattr(func, "__name__", "")
-        if name in HOST_READS:
-            self.reads += 1
-        elif name in HOST_DATA or (name == "to" and ("device" in kwargs or any(_is_device(a) for a in args[1:]))):
-            self.copies += 1
-        return func(*args, **kwargs)
-
-
-def _is_device(value) -> bool:
-    return isinstance(value, (torch.device, str)) or (isinstance(value, torch.Tensor) and value.device.type != "cpu")
-
-
 @pytest.mark.parametrize("jacobian", ["auto", "identity"])
 def test_a_parallel_round_reads_the_host_once(jacobian):
     """DDPM-100 at window 16 on the shipped model: at most 2 host reads per round (the round's summary, and with
@@ -133,9 +115,9 @@ def test_a_parallel_round_reads_the_host_once(jacobian):
     noise = twin.draw_noise((1, 1, 8, 8), torch.Generator().manual_seed(0))
     chain = DenoisingChain(lambda x, t: pipe.unet(x, t).sample, twin, noise, process_group=False)
     twin.step_table("cpu")  # the per-sampling setup (tables built once per set_timesteps and device)
-    with torch.no_grad(), CountHostTraffic() as counted:
+    with torch.no_grad(), HostTraffic() as counted:
         _, stats = denoise_parallel(chain, latents, parallel=16, jacobian=jacobian)
-    with torch.no_grad(), CountHostTraffic() as setup:  # the same call, stopped after its first round
+    with torch.no_grad(), HostTraffic() as setup:  # the same call, stopped after its first round
         denoise_parallel(chain, latents, parallel=16, jacobian=jacobian, max_rounds=1)
     rounds = stats.rounds
     per_round = (counted.reads - setup.reads) / (rounds - 1)

@@ -3,6 +3,7 @@
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
@@ -10,6 +11,7 @@ from diffusers import (
 
 from .scheduling_ddim_pcr import PCRDDIMScheduler
 from .scheduling_ddpm_pcr import PCRDDPMScheduler
+from .scheduling_dpmsolver_multistep_pcr import PCRDPMSolverMultistepScheduler
 from .scheduling_euler_pcr import PCREulerAncestralDiscreteScheduler, PCREulerDiscreteScheduler
 from .scheduling_flow_match_euler_pcr import PCRFlowMatchEulerDiscreteScheduler
 from .scheduling_pcr import PCRSchedulerMixin
@@ -20,6 +22,7 @@ PCR_SCHEDULERS = {
     EulerDiscreteScheduler: PCREulerDiscreteScheduler,
     EulerAncestralDiscreteScheduler: PCREulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler: PCRFlowMatchEulerDiscreteScheduler,
+    DPMSolverMultistepScheduler: PCRDPMSolverMultistepScheduler,
 }
 
 
@@ -46,6 +49,7 @@ __all__ = [
     "PCR_SCHEDULERS",
     "PCRDDIMScheduler",
     "PCRDDPMScheduler",
+    "PCRDPMSolverMultistepScheduler",
     "PCREulerAncestralDiscreteScheduler",
     "PCREulerDiscreteScheduler",
     "PCRFlowMatchEulerDiscreteScheduler",

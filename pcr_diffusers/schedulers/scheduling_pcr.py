@@ -18,6 +18,18 @@ arrays whose first axis is those n steps and whose other axes are the pipeline's
   the conversions between the model's output and its denoised prediction, which the solver's Jacobians and
   predictors use.
 
+Multistep twins (DPM-Solver++, UniPC, PNDM, LMS, DEIS) read, besides a step's own input and model output, what
+the K steps before it in the chain saw and predicted (`history_size` K > 0). The chain then stays one latent per
+step (the model's input) and each step's update takes that history as a `StepHistory`: the model inputs and the
+converted model outputs `D` (`batch_convert_model_output`: x0, eps, ODE derivative, ...) of the steps `l-1, ..., l-K`
+of the chain, `(n, K, B, C, H, W)` each, lag 1 first, zeros before the chain's first step, which the
+`DenoisingChain` keeps for every step and reads from the same batched call (steps in the window) or from the accepted
+steps before it. So step l is `x_{l+1} = Phi_l(x_l, x_{l-1}, ..., x_{l-K})`, a higher-order recurrence whose fixed
+point is the sequential loop's trajectory, and `batch_step(..., history=..., start=...)` reproduces the base `step`'s
+arithmetic for it. What depends on where the chain starts (warm-up at lower order, which the base counts from its
+first call after `set_timesteps`) is the twin's `_step_plan(start)`; tables of shape `(forms, N)` hold a coefficient
+per form of the update (e.g. per order), and the plan's `"form"` picks the row for each step.
+
 A twin provides `_step_table()`: its per-step coefficients `(N,)` over the whole schedule, computed after
 `set_timesteps` with the base scheduler's own arithmetic (the same float ops, so the same numbers as its `step`), on
 the CPU; `_to_x0(model_output, sample, c)` and `_from_x0(x0, sample, c)` on the model output's mean part, where `c`
@@ -26,6 +38,8 @@ maps each table name to its coefficients shaped `(n, 1, ..., 1)`; `batch_step`; 
 of `indices`: a round reads no value back to the host and copies nothing to the device. Indices are positions in the
 full schedule, so a chain may start mid-way (img2img) or stop early (`denoising_end`).
 """
+
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -36,8 +50,24 @@ def per_step(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) ->
     return values[indices].reshape(-1, *([1] * (like.ndim - 1)))
 
 
+@dataclass
+class StepHistory:
+    """What a multistep update reads of the K chain steps before each of n steps, lag 1 first (zeros before the
+    chain's first step).
+
+    Attributes:
+        samples: `(n, K, B, C, H, W)`, the model inputs of steps `l-1, ..., l-K`.
+        outputs: `(n, K, B, C, H, W)`, their converted model outputs (`batch_convert_model_output`).
+    """
+
+    samples: torch.Tensor
+    outputs: torch.Tensor
+
+
 class PCRSchedulerMixin:
     """Batched steps for a diffusers scheduler; see the module docstring for the contract."""
+
+    history_size = 0  # K: how many chain steps before it a step reads (0: single-step schedulers)
 
     def _step_table(self) -> dict[str, torch.Tensor]:
         """Per-step coefficients `(N,)` on the CPU, computed with the base scheduler's arithmetic."""
@@ -67,16 +97,42 @@ class PCRSchedulerMixin:
         self.step_table("cpu")
         return self._pcr_tables["host"]
 
-    def _coefficients(self, indices: torch.Tensor, like: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Every table's values at `indices`, shaped `(n, 1, ..., 1)` in `like`'s dtype; gathered once for the same
-        `indices` tensor (a round passes the same one to its several batched calls)."""
+    def _step_plan(self, start: int) -> dict[str, list]:
+        """For a chain that starts at position `start`: per position `i >= start` (lists of length N, anything
+        before `start`) what the base scheduler decides from the number of calls since `set_timesteps`, such as the
+        order of a multistep solver during its warm-up. `"form"` (1-based) picks the row of `(forms, N)` tables."""
+        return {}
+
+    def plan_table(self, start: int, device: torch.device | str) -> dict[str, torch.Tensor]:
+        """`_step_plan(start)` as tensors on `device`, built once per `set_timesteps`, start and device."""
+        self.step_table("cpu")  # the cache of this `set_timesteps`
+        key = ("plan", start, torch.device(device))
+        if key not in self._pcr_tables:
+            plan = {name: torch.tensor(values) for name, values in self._step_plan(start).items()}
+            self._pcr_tables[key] = {name: values.to(device) for name, values in plan.items()}
+        return self._pcr_tables[key]
+
+    def _coefficients(self, indices: torch.Tensor, like: torch.Tensor, start: int = 0) -> dict[str, torch.Tensor]:
+        """Every table's values at `indices`, shaped `(n, 1, ..., 1)` in `like`'s dtype (for `(forms, N)` tables,
+        the row the chain's plan picks for each step); gathered once for the same `indices` tensor (a round passes
+        the same one to its several batched calls)."""
         table = self.step_table(indices.device)
-        key = (like.dtype, like.ndim)
+        key = (like.dtype, like.ndim, start)
         cached = getattr(self, "_pcr_gathered", None)
         if cached is None or cached[0] != key or cached[1] is not indices or cached[2] is not table:
-            gathered = {name: per_step(values, indices, like).to(like.dtype) for name, values in table.items()}
+            forms = None
+            if any(values.ndim == 2 for values in table.values()):
+                forms = self.plan_table(start, indices.device)["form"][indices] - 1
+            gathered = {}
+            for name, values in table.items():
+                rows = values[indices] if values.ndim == 1 else values[forms, indices]  # (n,)
+                gathered[name] = rows.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
             cached = self._pcr_gathered = (key, indices, table, gathered)
         return cached[3]
+
+    def batch_convert_model_output(self, model_output, indices, sample, start: int = 0) -> torch.Tensor:
+        """What later steps read of these steps' model outputs (multistep twins: x0, eps, ...), `(n, B, C, H, W)`."""
+        return model_output
 
     def split_model_output(self, model_output: torch.Tensor, sample: torch.Tensor):
         """`(mean part, extra)`: the part of the model output the update's mean reads, and what else the model
