@@ -9,7 +9,6 @@ scale, timesteps, `init_noise_sigma`), which two threads calling one pipeline wo
 """
 
 import copy
-import importlib
 import json
 import threading
 import weakref
@@ -33,8 +32,8 @@ from .sampling import (
 )
 from .schedulers import PCRScheduler, PCRSchedulerMixin
 
-# The module a saved folder names: `DiffusionPipeline.from_pretrained` imports the pipeline class from it.
-SAVED_MODULE = "pcr_pipeline"
+# The key of a saved folder's model_index.json that names its pcr-diffusers pipeline class.
+PCR_CLASS_KEY = "_pcr_class_name"
 _last_stats = threading.local()  # per thread: pipeline -> the SamplingStats of its last call in this thread
 
 
@@ -158,37 +157,19 @@ class PCRPipelineMixin:
             latents, stats = denoise(chain, latents.to(solver_dtype), **options.as_kwargs(), progress_bar=progress_bar)
         return latents.to(model_dtype), stats
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """`DiffusionPipeline.from_pretrained`; a folder saved by a pcr-diffusers pipeline loads without
-        `trust_remote_code`, as its one module file is checked to be our own import line, word for word (any other
-        code in the folder still needs the flag)."""
-        folder = Path(pretrained_model_name_or_path)
-        if (folder / "model_index.json").is_file() and (folder / f"{SAVED_MODULE}.py").is_file():
-            class_name = json.loads((folder / "model_index.json").read_text()).get("_class_name")
-            if isinstance(class_name, list) and class_name[0] == SAVED_MODULE:
-                pipeline_class = getattr(importlib.import_module("pcr_diffusers.pipelines"), class_name[1], None)
-                if pipeline_class is not None and (folder / f"{SAVED_MODULE}.py").read_text() == _saved_module(
-                    pipeline_class
-                ):
-                    kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """`DiffusionPipeline.save_pretrained`, plus what reloads the folder as this pipeline class.
+        """`DiffusionPipeline.save_pretrained`, saving an ordinary folder of the parent pipeline.
 
-        diffusers looks a saved pipeline's class up in its own module; a folder whose `_class_name` names a module
-        file beside it is loaded from that file instead (diffusers' custom pipelines). We write a `pcr_pipeline.py`
-        that only imports this class from the installed `pcr_diffusers`, so
-        `DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` and `ThisClass.from_pretrained(folder)`
-        return this pipeline.
+        The folder names the parent's class, so the parent, `DiffusionPipeline.from_pretrained` and every other
+        diffusers tool load it as they load the parent's; it also records this class under `_pcr_class_name`
+        (diffusers ignores keys that start with `_`), so `ThisClass.from_pretrained(folder)` and
+        `PCRAutoPipeline.from_pretrained(folder)` return this pipeline.
         """
         super().save_pretrained(save_directory, *args, **kwargs)
-        folder = Path(save_directory)
-        (folder / f"{SAVED_MODULE}.py").write_text(_saved_module(type(self)))
-        index = folder / "model_index.json"
+        index = Path(save_directory) / "model_index.json"
         config = json.loads(index.read_text())
-        config["_class_name"] = [SAVED_MODULE, type(self).__name__]
+        config["_class_name"] = parent_pipeline_class(type(self)).__name__
+        config[PCR_CLASS_KEY] = type(self).__name__
         index.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def images_from_samples(self, image: torch.Tensor, output_type: str):
@@ -241,9 +222,7 @@ class PCRPipelineMixin:
         return latents, noise
 
 
-def _saved_module(pipeline_class) -> str:
-    """The module file a saved folder names as its pipeline's: one import from the installed pcr-diffusers."""
-    return (
-        f'"""A {pipeline_class.__name__} from pcr-diffusers (pip install pcr-diffusers)."""\n\n'
-        f"from pcr_diffusers.pipelines import {pipeline_class.__name__}  # noqa: F401\n"
-    )
+
+def parent_pipeline_class(pipeline_class):
+    """The diffusers pipeline a pcr-diffusers pipeline class stands in for."""
+    return next(base for base in pipeline_class.__mro__ if base.__module__.startswith("diffusers."))

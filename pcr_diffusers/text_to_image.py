@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 
-from .pipeline_utils import PCRPipelineMixin
+from .pipeline_utils import PCRPipelineMixin, parent_pipeline_class
 from .sampling import ParallelOptions, SamplingStats
 from .schedulers import PCRScheduler, PCRSchedulerMixin
 
@@ -107,7 +107,7 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         self.check_scheduler()
         for name, value in unsupported.items():
             if value is not None:
-                parent = next(c for c in type(self).__mro__ if c.__module__.startswith("diffusers.")).__name__
+                parent = parent_pipeline_class(type(self)).__name__
                 raise ValueError(
                     f"{type(self).__name__} does not support `{name}`: "
                     f"{UNSUPPORTED.get(name, f'it is not an argument of {parent}')}. Leave it unset, or use {parent}."

@@ -176,39 +176,46 @@ def test_concurrent_calls_return_what_single_calls_return(request):
 
 
 @pytest.mark.parametrize("parent_class, twin_class", PIPELINES[:2], ids=["ddpm", "ddim"])
-def test_a_saved_pcr_pipeline_reloads_as_itself(tiny_unet, tmp_path, parent_class, twin_class):
+def test_a_saved_pcr_pipeline_is_a_parent_folder_that_reloads_as_itself(tiny_unet, tmp_path, parent_class, twin_class):
     scheduler = DDPMScheduler() if parent_class is DDPMPipeline else DDIMScheduler()
     twin = twin_class(tiny_unet, scheduler)
     twin.set_progress_bar_config(disable=True)
     twin.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="trust_remote_code"):  # diffusers' gate for code in a folder
-        DiffusionPipeline.from_pretrained(tmp_path)
-    loaded = DiffusionPipeline.from_pretrained(tmp_path, torch_dtype=torch.float64, trust_remote_code=True)
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded) is twin_class and type(loaded.scheduler) is type(scheduler)
     kwargs = dict(num_inference_steps=5, output_type="np")
-    a = twin(generator=torch.Generator().manual_seed(0), **kwargs).images
-    b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
-    np.testing.assert_array_equal(a, b)
-    again = twin_class.from_pretrained(tmp_path, torch_dtype=torch.float64)  # ours needs no flag: the file is ours
-    assert type(again) is twin_class
-    (tmp_path / "pcr_pipeline.py").write_text((tmp_path / "pcr_pipeline.py").read_text() + "print('hi')\n")
-    with pytest.raises(ValueError, match="trust_remote_code"):  # any other code does
-        twin_class.from_pretrained(tmp_path)
+    expected = twin(generator=torch.Generator().manual_seed(0), **kwargs).images
+    for loader, loaded_class in [
+        (twin_class, twin_class),  # ours
+        (parent_class, parent_class),  # the folder is the parent's, as diffusers' own tests reload it
+        (DiffusionPipeline, parent_class),
+    ]:
+        loaded = loader.from_pretrained(tmp_path, torch_dtype=torch.float64)
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded) is loaded_class and type(loaded.scheduler) is type(scheduler)
+    images = twin_class.from_pretrained(tmp_path, torch_dtype=torch.float64)(
+        generator=torch.Generator().manual_seed(0), **kwargs
+    ).images
+    np.testing.assert_array_equal(images, expected)
 
 
 def test_a_saved_text_to_image_pipeline_reloads_as_itself(request, tmp_path):
     _, twin = sd_pipelines(request, "sd")
     twin.save_pretrained(tmp_path)
-    loaded = DiffusionPipeline.from_pretrained(
-        tmp_path, torch_dtype=torch.float64, safety_checker=None, feature_extractor=None, trust_remote_code=True
-    )
-    loaded.set_progress_bar_config(disable=True)
-    assert type(loaded) is PCRStableDiffusionPipeline
+    for loader in (PCRStableDiffusionPipeline, StableDiffusionPipeline):
+        loaded = loader.from_pretrained(
+            tmp_path, torch_dtype=torch.float64, safety_checker=None, feature_extractor=None
+        )
+        loaded.set_progress_bar_config(disable=True)
+        assert type(loaded) is loader
     kwargs = dict(prompt="a cat", num_inference_steps=4, output_type="latent")
     a = twin(generator=torch.Generator().manual_seed(0), **kwargs).images
-    b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    b = loaded(generator=torch.Generator().manual_seed(0), **kwargs).images  # the parent: within the tolerance
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("parent, twin", PCR_SCHEDULERS.items(), ids=lambda c: c.__name__)
+def test_twin_schedulers_list_themselves_and_their_parent_as_compatible(parent, twin):
+    assert {parent, twin} <= set(twin().compatibles)
+    assert set(parent().compatibles) <= set(twin().compatibles)
 
 
 @pytest.mark.parametrize("variance_type", ["learned", "learned_range"])

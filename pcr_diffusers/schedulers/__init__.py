@@ -38,6 +38,13 @@ class PCRScheduler:
         pcr_class = next((c for base, c in PCR_SCHEDULERS.items() if type(scheduler) in (base, c)), None)
         if pcr_class is None:
             supported = ", ".join(base.__name__ for base in PCR_SCHEDULERS)
+            base = next((base for base in PCR_SCHEDULERS if isinstance(scheduler, base)), None)
+            if base is not None:  # a subclass may change `step` in ways the batched step would not follow
+                raise ValueError(
+                    f"Parallel sampling does not support {type(scheduler).__name__}, a subclass of {base.__name__}: "
+                    f"the batched step reproduces {base.__name__}'s own `step` only. Use {base.__name__} itself, "
+                    f"e.g. `pipe.scheduler = {base.__name__}.from_config(pipe.scheduler.config)`."
+                )
             raise ValueError(
                 f"Parallel sampling does not support {type(scheduler).__name__}. Supported schedulers: {supported}. "
                 "Convert yours in one line, e.g. `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`."

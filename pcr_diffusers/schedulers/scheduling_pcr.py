@@ -217,6 +217,13 @@ class PCRSchedulerMixin:
             raise ValueError(f"These {type(self).__name__} steps draw noise: pass `noise` from `draw_noise`.")
 
     @classmethod
+    def _get_compatibles(cls):
+        """The parent's compatible schedulers, plus the parent and the twin (diffusers looks names up in its own
+        module, which has neither twin)."""
+        parent = next(base for base in cls.__mro__ if base.__module__.startswith("diffusers."))
+        return list(dict.fromkeys([cls, parent, *super()._get_compatibles()]))
+
+    @classmethod
     def from_scheduler(cls, scheduler):
         """The PCR twin of a diffusers scheduler, with every value of its config (nothing retuned).
 
