@@ -222,7 +222,6 @@ class PCRPipelineMixin:
         return latents, noise
 
 
-
 def parent_pipeline_class(pipeline_class):
     """The diffusers pipeline a pcr-diffusers pipeline class stands in for."""
     return next(base for base in pipeline_class.__mro__ if base.__module__.startswith("diffusers."))

@@ -36,7 +36,7 @@ def test_ddim_is_seed_exact_in_float32(eta):
     ref = pipe(batch_size=2, generator=generators(1, 2), eta=eta, num_inference_steps=50, output_type="np").images
     pcr = quiet(PCRDDIMPipeline.from_pipe(pipe))
     out = pcr(
-        batch_size=2, generator=generators(1, 2), eta=eta, num_inference_steps=50, output_type="np", tolerance=1e-6
+        batch_size=2, generator=generators(1, 2), eta=eta, num_inference_steps=50, output_type="np", tolerance=5e-5
     )
     assert out.stats.converged and out.stats.rounds < 50
     assert np.abs(out.images - ref).max() <= 1e-4
@@ -52,7 +52,7 @@ def test_ddpm_is_seed_exact_in_float32():
         generator=torch.Generator().manual_seed(3),
         num_inference_steps=100,
         output_type="np",
-        tolerance=1e-6,
+        tolerance=1e-4,
     )
     assert out.stats.converged and out.stats.rounds < 100
     assert np.abs(out.images - ref).max() <= 1e-4
@@ -115,5 +115,5 @@ def test_euler_on_the_shipped_model_matches_its_sequential_twin():
     pipe.scheduler = EulerDiscreteScheduler.from_config(load_digits_pipeline().scheduler.config)
     kwargs = dict(batch_size=2, num_inference_steps=30, output_type="np")
     ref = pipe(generator=torch.Generator().manual_seed(0), parallel=1, **kwargs).images
-    out = pipe(generator=torch.Generator().manual_seed(0), tolerance=1e-6, **kwargs)
+    out = pipe(generator=torch.Generator().manual_seed(0), tolerance=3e-5, **kwargs)
     assert out.stats.converged and np.abs(out.images - ref).max() <= 1e-4

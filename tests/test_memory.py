@@ -98,13 +98,13 @@ def test_memory_budget_defaults_to_the_available_memory():
 
 def test_bfloat16_model_with_float32_states(digits):
     """A bfloat16 model: its output changes by one bfloat16 rounding with the batch composition, so tolerances
-    must stay above that noise; at 3e-2 (2e-3 per step) the parallel result matches the sequential loop (same
-    precision policy) within one bfloat16 rounding of the output, in far fewer rounds (27 measured)."""
+    must stay above that noise; at 0.4 (2e-3 per step of 200) the parallel result matches the sequential loop (same
+    precision policy) within one bfloat16 rounding of the output, in far fewer rounds (35 measured)."""
     unet = copy.deepcopy(digits.unet).to(torch.bfloat16)
     pipe = PCRDDPMPipeline(unet, DDPMScheduler.from_config(digits.scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     kwargs = dict(batch_size=4, num_inference_steps=200, output_type="np")
     ref = pipe(generator=torch.Generator().manual_seed(0), parallel=1, **kwargs).images
-    out = pipe(generator=torch.Generator().manual_seed(0), tolerance=3e-2, **kwargs)
+    out = pipe(generator=torch.Generator().manual_seed(0), tolerance=0.4, **kwargs)
     assert out.stats.converged and out.stats.rounds <= 40
     assert np.abs(out.images - ref).max() <= 1 / 255 + 1e-6

@@ -14,7 +14,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    PNDMScheduler,
+    KDPM2DiscreteScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -179,7 +179,7 @@ def test_bad_input_fails_before_any_model_call(tiny_unet, kwargs, match):
 
 
 def test_unsupported_scheduler_names_the_conversion(tiny_unet):
-    pcr = PCRDDPMPipeline(_NoCalls(tiny_unet), PNDMScheduler())
+    pcr = PCRDDPMPipeline(_NoCalls(tiny_unet), KDPM2DiscreteScheduler())
     with pytest.raises(ValueError, match="from_config"):
         pcr(num_inference_steps=10)
 

@@ -6,7 +6,7 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
-    PNDMScheduler,
+    KDPM2DiscreteScheduler,
 )
 
 from pcr_diffusers.schedulers import PCRScheduler
@@ -108,7 +108,7 @@ def test_noise_is_drawn_per_image_from_a_list_of_generators():
 
 def test_unsupported_schedulers_and_options_are_refused():
     with pytest.raises(ValueError, match=r"DDIMScheduler.from_config\(pipe.scheduler.config\)"):
-        PCRScheduler.from_scheduler(PNDMScheduler())
+        PCRScheduler.from_scheduler(KDPM2DiscreteScheduler())
     pcr = PCRScheduler.from_scheduler(DDPMScheduler(variance_type="fixed_large_log"))
     pcr.set_timesteps(10)  # as a plain scheduler it works like its parent; only the batched step refuses
     with pytest.raises(ValueError, match="variance_type.*fixed_large_log"):

@@ -19,14 +19,19 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
     PNDMScheduler,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
 )
 
 from pcr_diffusers.pipelines import (
@@ -167,7 +172,28 @@ CASES = [
         with_config(DDPMScheduler),
         dict(prompt="a cat", timesteps=[999, 800, 600, 500, 300, 100, 50, 0]),
     ),
+    (
+        "sd",
+        "pndm-sd15-batch-2-window-4",
+        with_config(PNDMScheduler, skip_prk_steps=True),
+        dict(prompt=PROMPTS, guidance_scale=7.5, generators=2, parallel=4),
+    ),
+    (
+        "sd",
+        "dpm++-2m-karras-window-3",
+        with_config(DPMSolverMultistepScheduler, use_karras_sigmas=True),
+        dict(prompt="a cat", guidance_scale=7.5, parallel=3),
+    ),
+    (
+        "sd",
+        "sde-dpm++-2m-batch-2",
+        with_config(DPMSolverMultistepScheduler, algorithm_type="sde-dpmsolver++"),
+        dict(prompt=PROMPTS, guidance_scale=7.5, generators=2, parallel=4),
+    ),
+    ("sd", "lms-window-4", with_config(LMSDiscreteScheduler), dict(prompt="a cat", parallel=4)),
+    ("sd", "deis-window-3", with_config(DEISMultistepScheduler), dict(prompt="a cat", parallel=3)),
     ("sdxl", "euler-guidance", None, dict(prompt="a cat", guidance_scale=7.5)),
+    ("sdxl", "unipc-window-4", with_config(UniPCMultistepScheduler), dict(prompt="a cat", parallel=4)),
     ("sdxl", "euler-no-guidance-batch-2", None, dict(prompt=PROMPTS, guidance_scale=1.0, generators=2)),
     (
         "sdxl",
@@ -197,6 +223,12 @@ CASES = [
         dict(prompt=PROMPTS, negative_prompt=["dog", "cat"], guidance_scale=7.5),
     ),
     ("sd3", "custom-sigmas", None, dict(prompt="a cat", sigmas=[1.0, 0.8, 0.6, 0.3, 0.1])),
+    (
+        "sd3",
+        "unipc-flow-window-4",
+        with_config(UniPCMultistepScheduler, use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0),
+        dict(prompt="a cat", parallel=4),
+    ),
     (
         "sd3",
         "dynamic-shift-user-latents-window-4",
@@ -326,8 +358,8 @@ BAD_INPUT = [
     ({"prompt": None}, "prompt_embeds"),  # the parent's check_inputs
     ({"height": 15, "width": 16}, "divisible by"),  # the parent's check_inputs
     ({"prompt": PROMPTS, "generator": [torch.Generator()]}, "generators"),
-    ({"scheduler": PNDMScheduler}, "from_config"),
-    ({"scheduler": DPMSolverMultistepScheduler}, "DPMSolverMultistepScheduler"),
+    ({"scheduler": KDPM2DiscreteScheduler}, "from_config"),
+    ({"scheduler": HeunDiscreteScheduler}, "HeunDiscreteScheduler"),
 ]
 BAD_INPUT_OF = {
     "sd": [({"callback": lambda *args: None, "callback_steps": 1}, "callback"), ({"guidence_scale": 3}, "guidence")],

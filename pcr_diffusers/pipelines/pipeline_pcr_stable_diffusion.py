@@ -20,8 +20,7 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
     Prompt encoding, latents and decoding are the parent's; for the same `generator` the result equals the parent's
     up to the tolerance: every step's noise is drawn up front in the order the sequential loop draws it, and
     classifier-free guidance runs inside the batched model call (window x 2 x batch rows per round).
-    The scheduler must be one `PCRScheduler` supports (not the SD 1.x default PNDM: convert it first, e.g.
-    `pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)`).
+    The scheduler can be any `PCRScheduler` supports, SD 1.5's default PNDM and the multistep solvers included.
     """
 
     @torch.no_grad()

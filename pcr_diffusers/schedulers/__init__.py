@@ -3,18 +3,26 @@
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DEISMultistepScheduler,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 
 from .scheduling_ddim_pcr import PCRDDIMScheduler
 from .scheduling_ddpm_pcr import PCRDDPMScheduler
+from .scheduling_deis_multistep_pcr import PCRDEISMultistepScheduler
 from .scheduling_dpmsolver_multistep_pcr import PCRDPMSolverMultistepScheduler
 from .scheduling_euler_pcr import PCREulerAncestralDiscreteScheduler, PCREulerDiscreteScheduler
 from .scheduling_flow_match_euler_pcr import PCRFlowMatchEulerDiscreteScheduler
+from .scheduling_lms_discrete_pcr import PCRLMSDiscreteScheduler
 from .scheduling_pcr import PCRSchedulerMixin
+from .scheduling_pndm_pcr import PCRPNDMScheduler
+from .scheduling_unipc_multistep_pcr import PCRUniPCMultistepScheduler
 
 PCR_SCHEDULERS = {
     DDPMScheduler: PCRDDPMScheduler,
@@ -23,6 +31,10 @@ PCR_SCHEDULERS = {
     EulerAncestralDiscreteScheduler: PCREulerAncestralDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler: PCRFlowMatchEulerDiscreteScheduler,
     DPMSolverMultistepScheduler: PCRDPMSolverMultistepScheduler,
+    PNDMScheduler: PCRPNDMScheduler,
+    LMSDiscreteScheduler: PCRLMSDiscreteScheduler,
+    UniPCMultistepScheduler: PCRUniPCMultistepScheduler,
+    DEISMultistepScheduler: PCRDEISMultistepScheduler,
 }
 
 
@@ -56,10 +68,14 @@ __all__ = [
     "PCR_SCHEDULERS",
     "PCRDDIMScheduler",
     "PCRDDPMScheduler",
+    "PCRDEISMultistepScheduler",
     "PCRDPMSolverMultistepScheduler",
     "PCREulerAncestralDiscreteScheduler",
     "PCREulerDiscreteScheduler",
     "PCRFlowMatchEulerDiscreteScheduler",
+    "PCRLMSDiscreteScheduler",
+    "PCRPNDMScheduler",
     "PCRScheduler",
     "PCRSchedulerMixin",
+    "PCRUniPCMultistepScheduler",
 ]

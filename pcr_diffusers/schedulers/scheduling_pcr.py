@@ -117,11 +117,12 @@ class PCRSchedulerMixin:
         the row the chain's plan picks for each step); gathered once for the same `indices` tensor (a round passes
         the same one to its several batched calls)."""
         table = self.step_table(indices.device)
-        key = (like.dtype, like.ndim, start)
+        planned = any(values.ndim == 2 for values in table.values())  # only then does the chain's start matter
+        key = (like.dtype, like.ndim, start if planned else None)
         cached = getattr(self, "_pcr_gathered", None)
         if cached is None or cached[0] != key or cached[1] is not indices or cached[2] is not table:
             forms = None
-            if any(values.ndim == 2 for values in table.values()):
+            if planned:
                 forms = self.plan_table(start, indices.device)["form"][indices] - 1
             gathered = {}
             for name, values in table.items():
