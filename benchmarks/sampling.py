@@ -4,12 +4,16 @@ pcr-diffusers with each Jacobian, at the default window and tolerance.
 
     python benchmarks/sampling.py                  # table + sampling.png + tradeoff.png
     python benchmarks/sampling.py --quick          # DDIM-25, batch 1 only
+    python benchmarks/sampling.py --multistep      # the multistep table only (DPM-Solver++, UniPC, PNDM, ...)
 
 Columns: rounds (sequential batched model calls), model evaluations (single steps), wall-clock speed-up over the
 sequential pipeline (measured in this run), and the largest difference to the sequential image in [0, 1] pixels.
 `tradeoff.png` plots rounds against that error over a sweep of tolerances, one curve per method: the fair
 comparison, since each method's tolerance means something different. A last table times DDPM-1000 (batch 1,
 window 64) at two tolerances per method, fastest of 3 interleaved runs, for the wall-clock at matched error.
+The multistep table gives, per scheduler, the fewest rounds whose result stays within 1e-3 of diffusers' loop over
+a sweep of tolerances, for our default Jacobian and for Picard iteration (`identity`, ParaDiGMS' update) on the same
+scheduler, window = steps, batch 1.
 """
 
 import argparse
@@ -29,7 +33,12 @@ from diffusers import (
     DDPMParallelScheduler,
     DDPMPipeline,
     DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.utils.torch_utils import randn_tensor
 from paradigms import paradigms_sample
@@ -46,6 +55,18 @@ CONFIGS = {  # name: (scheduler class, parallel scheduler class, steps)
     "Euler-50": (EulerDiscreteScheduler, None, 50),
 }
 JACOBIANS = ["secant", "denoiser", "scheduler", "identity"]
+MULTISTEP = [  # name, scheduler class, its options, steps
+    ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {}, 20),
+    ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {}, 25),
+    ("DPM-Solver++ 2M", DPMSolverMultistepScheduler, {}, 50),
+    ("DPM-Solver++ 2M Karras", DPMSolverMultistepScheduler, {"use_karras_sigmas": True}, 25),
+    ("SDE-DPM-Solver++ 2M", DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}, 25),
+    ("UniPC", UniPCMultistepScheduler, {}, 20),
+    ("PNDM (SD 1.5's PLMS)", PNDMScheduler, {"skip_prk_steps": True}, 50),
+    ("LMS", LMSDiscreteScheduler, {}, 50),
+    ("DEIS", DEISMultistepScheduler, {}, 25),
+]
+MATCHED_ERROR = 1e-3
 PARADIGMS_DEFAULTS = {"parallel": 10, "tolerance": 0.1}  # StableDiffusionParadigmsPipeline's
 
 
@@ -195,6 +216,48 @@ def matched_error_timing(unet, config, repeats=3):
     print_table(["method", "rounds", "model evals", "seconds", "speed-up", "max |diff|"], rows)
 
 
+def multistep(unet, config, tolerances=(3e-2, 1e-2, 3e-3, 1e-3)):
+    """Rounds within `MATCHED_ERROR` of diffusers' loop for the multistep schedulers, ours against Picard."""
+    rows = []
+    for name, scheduler_class, options, steps in MULTISTEP:
+        scheduler = scheduler_class.from_config(config, **options)
+        scheduler.set_timesteps(steps)
+        generator = torch.Generator().manual_seed(0)
+        x = randn_tensor((1, 1, 8, 8), generator=generator) * scheduler.init_noise_sigma
+        for t in scheduler.timesteps:  # diffusers' loop, drawing step noise from the generator as pipelines do
+            model_output = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+        ref = to_images(x)
+        pcr = PCRDDPMPipeline(unet=unet, scheduler=scheduler_class.from_config(config, **options))
+        pcr.set_progress_bar_config(disable=True)
+        row = [f"{name}-{steps}"]
+        for jacobian in ("auto", "identity"):
+            points = []
+            for tolerance in tolerances:
+                out = pcr(
+                    1,
+                    torch.Generator().manual_seed(0),
+                    steps,
+                    "np",
+                    parallel=steps,
+                    tolerance=tolerance,
+                    jacobian=jacobian,
+                )
+                points.append((out.stats.rounds, np.abs(out.images - ref).max(), tolerance))
+            default = pcr(1, torch.Generator().manual_seed(0), steps, "np", parallel=steps, jacobian=jacobian)
+            matched = min((p for p in points if p[1] <= MATCHED_ERROR), default=None)
+            row.append(f"{matched[0]} ({matched[1]:.0e}, tol {matched[2]:g})" if matched else "none")
+            row.append(f"{default.stats.rounds} ({np.abs(default.images - ref).max():.0e})")
+        rows.append(row)
+    print(
+        f"\nMultistep schedulers, batch 1, window = steps: fewest rounds within {MATCHED_ERROR:g} of diffusers' loop"
+    )
+    print_table(
+        ["scheduler", "ours (error, tolerance)", "ours at default", "Picard (error, tolerance)", "Picard at default"],
+        rows,
+    )
+
+
 def plot_speedups(speedups, out):
     labels = sorted({label for _, _, label in speedups}, key=lambda s: (not s.startswith("ours"), s))
     groups = sorted({(name, batch) for name, batch, _ in speedups}, key=lambda g: (g[1], list(CONFIGS).index(g[0])))
@@ -219,6 +282,7 @@ def main():
     parser.add_argument("--out", default="sampling.png")
     parser.add_argument("--sweep-out", default="tradeoff.png")
     parser.add_argument("--quick", action="store_true", help="DDIM-25 at batch 1, no sweep")
+    parser.add_argument("--multistep", action="store_true", help="the multistep table only")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe = load_digits_pipeline()
@@ -229,10 +293,14 @@ def main():
     if args.quick:
         table(pipe.unet, pipe.scheduler.config, ["DDIM-25"], [1])
         return
+    if args.multistep:
+        multistep(pipe.unet, pipe.scheduler.config)
+        return
     speedups = table(pipe.unet, pipe.scheduler.config, args.configs, args.batch)
     plot_speedups(speedups, args.out)
     sweep(pipe.unet, pipe.scheduler.config, args.sweep_out)
     matched_error_timing(pipe.unet, pipe.scheduler.config)
+    multistep(pipe.unet, pipe.scheduler.config)
 
 
 if __name__ == "__main__":
