@@ -17,6 +17,7 @@ scheduler, window = steps, batch 1.
 """
 
 import argparse
+import inspect
 import time
 
 import matplotlib
@@ -224,9 +225,11 @@ def multistep(unet, config, tolerances=(3e-2, 1e-2, 3e-3, 1e-3)):
         scheduler.set_timesteps(steps)
         generator = torch.Generator().manual_seed(0)
         x = randn_tensor((1, 1, 8, 8), generator=generator) * scheduler.init_noise_sigma
-        for t in scheduler.timesteps:  # diffusers' loop, drawing step noise from the generator as pipelines do
+        # diffusers' loop, drawing step noise from the generator as pipelines do
+        step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        for t in scheduler.timesteps:
             model_output = unet(scheduler.scale_model_input(x, t), t).sample
-            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+            x = scheduler.step(model_output, t, x, **step_kwargs).prev_sample
         ref = to_images(x)
         pcr = PCRDDPMPipeline(unet=unet, scheduler=scheduler_class.from_config(config, **options))
         pcr.set_progress_bar_config(disable=True)

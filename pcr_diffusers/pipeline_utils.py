@@ -12,6 +12,7 @@ import copy
 import json
 import threading
 import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -133,10 +134,12 @@ class PCRPipelineMixin:
         options: ParallelOptions,
         step_kwargs: dict | None = None,
         steps: range | None = None,
+        after_step: Callable | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """The denoising loop: parallel over windows of `options.parallel` steps, or the plain loop for 1.
 
-        `steps`: the positions of the schedule to run (default all; see `DenoisingChain`).
+        `steps`: the positions of the schedule to run (default all); `after_step`: what a step does besides the
+        scheduler's step (default nothing); see `DenoisingChain` for both.
         Precision: a float16 or bfloat16 model runs in its dtype, but the solver's states, residuals and the
         scheduler's steps are float32 (and so are those of the sequential loop, `parallel=1`); the latents and noise
         are drawn in the model's dtype as the parent pipeline draws them, and the result is returned in it.
@@ -149,7 +152,14 @@ class PCRPipelineMixin:
         # a compiled model gets one shape per call: it compiles once, and CUDA graphs capture one call
         static_shapes = any(is_compiled_module(component) for component in self.components.values())
         chain = DenoisingChain(
-            model_fn, scheduler, noise, step_kwargs, model_dtype=model_dtype, steps=steps, static_shapes=static_shapes
+            model_fn,
+            scheduler,
+            noise,
+            step_kwargs,
+            model_dtype=model_dtype,
+            steps=steps,
+            static_shapes=static_shapes,
+            after_step=after_step,
         )
         denoise = denoise_sequential if options.parallel == 1 else denoise_parallel
         main_process = default_process_group() is None or dist.get_rank() == 0

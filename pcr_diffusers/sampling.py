@@ -71,7 +71,8 @@ class ShardedModel:
     gloo (CPU) and nccl (GPU, one device per process); launch with `torchrun` or `accelerate launch`.
 
     Args:
-        model_fn: `model_fn(x, t)` as `DenoisingChain` takes it.
+        model_fn: `model_fn(x, t)` as `DenoisingChain` takes it (with `positions`, sliced like `t`, for a model that
+            `takes_positions`).
         group: the `torch.distributed` group; None for the default group.
         rows_per_step: `B`, the rows of one step; `DenoisingChain` sets it to its states' batch.
     """
@@ -82,8 +83,9 @@ class ShardedModel:
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.rows_per_step = rows_per_step
+        self.takes_positions = getattr(model_fn, "takes_positions", False)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         rows = self.rows_per_step
         if x.shape[0] % rows or t.shape[0] != x.shape[0]:
             raise ValueError(
@@ -95,10 +97,11 @@ class ShardedModel:
         steps = -(-n // self.world_size)
         start = min(self.rank * steps, n)
         stop = min(start + steps, n)
-        if stop == start:  # no step here: evaluate step 0 to learn the output's shape and dtype, then drop it
-            out = self.model_fn(x[:rows], t[:rows])[:0]
-        else:
-            out = self.model_fn(x[start * rows : stop * rows], t[start * rows : stop * rows])
+        empty = stop == start  # no step here: evaluate step 0 to learn the output's shape and dtype, then drop it
+        here = slice(0, rows) if empty else slice(start * rows, stop * rows)
+        kwargs = {} if positions is None else {"positions": positions[here]}
+        out = self.model_fn(x[here], t[here], **kwargs)
+        out = out[:0] if empty else out
         padded = out.new_zeros(steps * rows, *out.shape[1:])  # all_gather needs the same shape on every rank
         padded[: len(out)] = out
         gathered = [torch.empty_like(padded) for _ in range(self.world_size)]
@@ -134,7 +137,10 @@ class DenoisingChain:
         model_fn: `model_fn(model_input, t)` with `model_input` of shape `(n * B, C, H, W)` (already scaled by the
             scheduler) and `t` of shape `(n * B,)`; returns the model output of the input's shape. Classifier-free
             guidance and conditioning live inside it. Its output is cast to the states' dtype, so the model may run
-            in half precision while the solver works in float32.
+            in half precision while the solver works in float32. A model whose call depends on the step's index as
+            well as its timestep (ControlNet's `control_guidance_start/end`) sets the attribute
+            `takes_positions = True` and is called `model_fn(model_input, t, positions=...)`, `positions` `(n * B,)`
+            the rows' positions in the scheduler's `timesteps` (the parent loop's `i`), laid out like `t`.
         scheduler: a PCR scheduler after `set_timesteps`.
         noise: `(N, B, C, H, W)` from `scheduler.draw_noise(..., steps=steps)`, on the states' device, or None when
             no step draws noise.
@@ -149,6 +155,10 @@ class DenoisingChain:
             `denoising_end` stops earlier, and the scheduler's tables stay those of the whole schedule.
         static_shapes: call the model on the same number of rows every round (the parallel solve pads its last
             windows): for a `torch.compile`d model, which then compiles once, and for CUDA graphs.
+        after_step: what a step does besides the scheduler's step, `after_step(ls, x_next) -> x_next` with the
+            chain's steps `ls` `(n,)` and their scheduler outputs `(n, B, C, H, W)` (e.g. inpainting's blend of
+            the known region). Part of `Phi_l`: residuals, Jacobians (VJPs through `update`) and the predictor
+            include it. Elementwise and affine in `x_next` keeps `extend`'s rollout exact.
 
     The chain remembers the last step it evaluated (its input and model output): `extend` predicts the steps after
     it from that step's denoised prediction. For a multistep scheduler (`history_size` K > 0) it also keeps every
@@ -167,6 +177,7 @@ class DenoisingChain:
         model_dtype: torch.dtype | None = None,
         steps: range | None = None,
         static_shapes: bool = False,
+        after_step: Callable | None = None,
     ):
         steps = range(len(scheduler.timesteps)) if steps is None else steps
         if (
@@ -192,6 +203,7 @@ class DenoisingChain:
         self.step_kwargs = step_kwargs
         self.steps = steps
         self.static_shapes = static_shapes
+        self.after_step = after_step
         self._frontier = None
         self._positions = None  # (ls, its schedule positions), computed once per round
         self._samples = self._outputs = None  # (L, B, C, H, W): every step's model input and converted output
@@ -214,7 +226,10 @@ class DenoisingChain:
         model_input = model_input.flatten(0, 1).to(self.model_dtype or x_prev.dtype)
         if isinstance(self.model_fn, ShardedModel):
             self.model_fn.rows_per_step = batch  # shard on whole steps: a guided model needs a step's B rows together
-        out = self.model_fn(model_input, t.repeat_interleave(batch))
+        kwargs = {}
+        if getattr(self.model_fn, "takes_positions", False):
+            kwargs["positions"] = self.positions(ls).repeat_interleave(batch)
+        out = self.model_fn(model_input, t.repeat_interleave(batch), **kwargs)
         out = out.reshape(n, batch, *out.shape[1:]).to(x_prev.dtype)  # (n, B, C', H, W)
         # a copy: a CUDA graph's outputs are overwritten by its next replay, and `extend` reads this after it
         self._frontier = (ls[-1:], x_prev[-1:], out[-1:].clone())
@@ -243,13 +258,15 @@ class DenoisingChain:
     def update(
         self, ls: torch.Tensor, x_prev: torch.Tensor, model_output: torch.Tensor, history: StepHistory | None = None
     ) -> torch.Tensor:
-        """The scheduler's step for the given model outputs and the pre-drawn noise of those steps; a multistep
-        scheduler's step also reads `history` (default: the chain's record of the steps before, as constants)."""
+        """The scheduler's step for the given model outputs and the pre-drawn noise of those steps, then `after_step`;
+        a multistep scheduler's step also reads `history` (default: the chain's record of the steps before, as
+        constants)."""
         noise = None if self.noise is None else self.noise[ls]
         kwargs = dict(self.step_kwargs)
         if self.scheduler.history_size:
             kwargs.update(history=self.history(ls) if history is None else history, start=self.steps.start)
-        return self.scheduler.batch_step(model_output, self.positions(ls), x_prev, noise, **kwargs).to(x_prev.dtype)
+        x_next = self.scheduler.batch_step(model_output, self.positions(ls), x_prev, noise, **kwargs).to(x_prev.dtype)
+        return x_next if self.after_step is None else self.after_step(ls, x_next)
 
     def __call__(self, ls: torch.Tensor, x_prev: torch.Tensor) -> torch.Tensor:
         return self.update(ls, x_prev, self.model_output(ls, x_prev))

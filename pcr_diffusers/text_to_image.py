@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
+from diffusers.utils.torch_utils import get_module_execution_device
 
 from .pipeline_utils import PCRPipelineMixin, parent_pipeline_class
 from .sampling import ParallelOptions, SamplingStats
@@ -34,6 +35,8 @@ UNSUPPORTED = {  # arguments of the parent pipelines that we reject, and why
     "callback_steps": _PER_STEP,
     "ip_adapter_image": "IP-Adapter is not implemented",
     "ip_adapter_image_embeds": "IP-Adapter is not implemented",
+    "negative_ip_adapter_image": "IP-Adapter is not implemented",
+    "negative_ip_adapter_image_embeds": "IP-Adapter is not implemented",
     "skip_guidance_layers": "skip-layer guidance is not implemented",
 }
 
@@ -60,9 +63,12 @@ class GuidedModel:
         batch_size: `B`, the latents' batch.
         guidance_scale: the scale `w` of `uncond + w * (text - uncond)`; None for no guidance.
         guidance_rescale: `rescale_noise_cfg`'s factor (0 for none).
+        shared: the names of conditioning entries that have no batch axis and are the same for every row (Flux's
+            position ids `img_ids`, `txt_ids`, `(seq, 3)`): passed to every call as they are, not repeated per step.
 
     Called with `x` `(n * B, C, H, W)` and `t` `(n * B,)`, step-major, it runs the model once on `(n * 2B, ...)`:
-    step k's rows are `[x_k; x_k]`, as the sequential loop's `torch.cat([latents] * 2)`.
+    step k's rows are `[x_k; x_k]`, as the sequential loop's `torch.cat([latents] * 2)`. A `model` that
+    `takes_positions` (see `DenoisingChain`) makes this one take them too, and gets them laid out like `t`.
     """
 
     def __init__(
@@ -72,24 +78,34 @@ class GuidedModel:
         batch_size: int,
         guidance_scale: float | None,
         guidance_rescale: float = 0.0,
+        shared: tuple[str, ...] = (),
     ):
+        if missing := set(shared) - set(conditioning):
+            raise ValueError(f"`shared` names {sorted(missing)}, which are not in `conditioning`.")
         self.model = model
         self.conditioning = conditioning
+        self.shared = tuple(shared)
         self.batch_size = batch_size
         self.guidance_scale = guidance_scale
         self.guidance_rescale = guidance_rescale
         self._repeated = {}  # n -> conditioning for n steps; the window size changes only near the end
+        self.takes_positions = getattr(model, "takes_positions", False)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         n = x.shape[0] // self.batch_size
         if n not in self._repeated:
-            self._repeated = {n: repeat_steps(self.conditioning, n)}
+            per_row = {key: value for key, value in self.conditioning.items() if key not in self.shared}
+            self._repeated = {n: {**self.conditioning, **repeat_steps(per_row, n)}}
+        extra = {} if positions is None else {"positions": positions}
         if self.guidance_scale is None:
-            return self.model(x, t, **self._repeated[n])
+            return self.model(x, t, **extra, **self._repeated[n])
         copies = (n, 2, self.batch_size)
-        x = x.unflatten(0, (n, 1, self.batch_size)).expand(*copies, *x.shape[1:]).flatten(0, 2)  # (n * 2B, C, H, W)
-        t = t.unflatten(0, (n, 1, self.batch_size)).expand(copies).flatten()  # (n * 2B,)
-        uncond, text = self.model(x, t, **self._repeated[n]).unflatten(0, copies).unbind(1)  # (n, B, C, H, W) each
+
+        def both(rows):  # (n * B, ...) -> (n * 2B, ...): each step's rows, for the negative then the positive prompt
+            return rows.unflatten(0, (n, 1, self.batch_size)).expand(*copies, *rows.shape[1:]).flatten(0, 2)
+
+        x, t, extra = both(x), both(t), {name: both(rows) for name, rows in extra.items()}
+        uncond, text = self.model(x, t, **extra, **self._repeated[n]).unflatten(0, copies).unbind(1)  # (n, B, ...)
         guided = (uncond + self.guidance_scale * (text - uncond)).flatten(0, 1)
         if self.guidance_rescale > 0.0:
             guided = rescale_noise_cfg(guided, text.flatten(0, 1), guidance_rescale=self.guidance_rescale)
@@ -146,6 +162,54 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         self._num_timesteps = len(self.scheduler.timesteps)
         return self.scheduler
 
+    def pcr_image_to_image_timesteps(
+        self, num_inference_steps, strength, timesteps=None, sigmas=None, **get_timesteps_kwargs
+    ) -> tuple[PCRSchedulerMixin, range]:
+        """The timesteps of an image-to-image call: `pcr_timesteps`, then the parent's `get_timesteps`, which keeps
+        the schedule's last steps as `strength` (or SDXL's `denoising_start`, in `get_timesteps_kwargs`) says and
+        sets the scheduler's begin index. Returns the twin and the positions of the kept steps, `range(begin, N)`,
+        for `DenoisingChain(steps=...)` and `draw_noise(steps=...)`.
+
+        No model runs here, so a call that keeps no step fails before any model call (the inpainting parent raises
+        too, after encoding the prompt; `StableDiffusionImg2ImgPipeline` would return an empty batch).
+        """
+        scheduler = self.pcr_timesteps(num_inference_steps, timesteps, sigmas)
+        if timesteps is not None or sigmas is not None:
+            num_inference_steps = len(scheduler.timesteps)  # as `retrieve_timesteps` returns it to the parent
+        kept, _ = self.get_timesteps(num_inference_steps, strength, self._execution_device, **get_timesteps_kwargs)
+        steps = range(len(scheduler.timesteps) - len(kept), len(scheduler.timesteps))
+        if not steps:
+            given = {"strength": strength, "num_inference_steps": num_inference_steps, **get_timesteps_kwargs}
+            raise ValueError(
+                f"{', '.join(f'`{name}`={value!r}' for name, value in given.items() if value is not None)} leave no "
+                f"denoising step of the {len(scheduler.timesteps)} timesteps: the parent runs "
+                f"`int(num_inference_steps * strength)` of them. Raise `strength` or `num_inference_steps`."
+            )
+        self._num_timesteps = len(steps)
+        return scheduler, steps
+
+    def sd_prompt_embeds(
+        self, prompt, negative_prompt, num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None
+    ) -> torch.Tensor:
+        """The Stable Diffusion parents' `encode_prompt` (under `TEXT_ENCODING_LOCK`) with their LoRA scale and
+        `clip_skip`: `(2B, S, D)` with the negative embeddings first under guidance, as the sequential loop batches
+        them, else `(B, S, D)`."""
+        with TEXT_ENCODING_LOCK:
+            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+                prompt,
+                self._execution_device,
+                num_images_per_prompt,
+                self.do_classifier_free_guidance,
+                negative_prompt,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                lora_scale=(self.cross_attention_kwargs or {}).get("scale"),
+                clip_skip=self.clip_skip,
+            )
+        if self.do_classifier_free_guidance:
+            return torch.cat([negative_prompt_embeds, prompt_embeds])
+        return prompt_embeds
+
     def unet_step_inputs(self, scheduler, latents, generator, eta, batch_size, steps: range | None = None):
         """For UNet pipelines: the parent's scheduler-step kwargs without the generator, the noise of the steps
         `steps` drawn from it in the sequential loop's order, and the guidance embedding `timestep_cond` of
@@ -167,6 +231,38 @@ class PCRTextToImageMixin(PCRPipelineMixin):
             ).to(device=latents.device, dtype=latents.dtype)
         return step_kwargs, noise, timestep_cond
 
+    def decode_with_safety_checker(self, latents, output_type: str, generator, **decode_kwargs):
+        """The Stable Diffusion parents' last step: decode (unless `output_type="latent"`), run the safety checker,
+        post-process. Returns `(images, nsfw_content_detected)`."""
+        image, has_nsfw_concept = latents, None
+        if output_type != "latent":
+            latents = latents / self.vae.config.scaling_factor
+            image = self.vae.decode(latents, return_dict=False, generator=generator, **decode_kwargs)[0]
+            image, has_nsfw_concept = self.run_safety_checker(image, self._execution_device, latents.dtype)
+        do_denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not x for x in has_nsfw_concept]
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=do_denormalize)
+        return image, has_nsfw_concept
+
+    def decode_sdxl_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The SDXL parents' decoding: VAE upcasting, latents mean/std or scaling factor, watermark."""
+        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
+        if needs_upcasting:
+            self.upcast_vae()
+            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
+        config = self.vae.config
+        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
+        if needs_upcasting:
+            self.vae.to(dtype=torch.float16)
+        if self.watermark is not None:
+            image = self.watermark.apply_watermark(image)
+        return image
+
     def unet_model(self, x, t, **conditioning):
         """One UNet call as the sequential loop makes it."""
         output = self.unet(x, t, cross_attention_kwargs=self.cross_attention_kwargs, return_dict=False, **conditioning)
@@ -184,9 +280,12 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         guidance_rescale: float = 0.0,
         step_kwargs: dict | None = None,
         steps: range | None = None,
+        after_step: Callable | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """`pcr_denoise` with `GuidedModel(model, conditioning, ...)` as the model; guidance as
         `self.do_classifier_free_guidance` and `self.guidance_scale` say."""
         guidance_scale = self.guidance_scale if self.do_classifier_free_guidance else None
         model_fn = GuidedModel(model, conditioning, latents.shape[0], guidance_scale, guidance_rescale)
-        return self.pcr_denoise(model_fn, scheduler, latents, noise, options, step_kwargs=step_kwargs, steps=steps)
+        return self.pcr_denoise(
+            model_fn, scheduler, latents, noise, options, step_kwargs=step_kwargs, steps=steps, after_step=after_step
+        )

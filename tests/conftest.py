@@ -10,13 +10,21 @@ from diffusers import (
     DDIMScheduler,
     EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     UNet2DConditionModel,
     UNet2DModel,
 )
 from hypothesis import settings
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 # Property-based tests draw the same examples on every run by default, so CI is repeatable;
 # `HYPOTHESIS_PROFILE=explore pytest tests/test_acceptance.py` draws fresh ones.
@@ -217,3 +225,119 @@ def tiny_sdxl_components(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd3_components(tmp_path_factory):
     return tiny_stable_diffusion_3_components(tmp_path_factory.mktemp("sd3-tokenizer"), torch.float64)
+
+
+def tiny_flux_pipeline_components(directory, dtype=torch.float32, guidance_embeds=True):
+    """FluxPipeline components: FluxTransformer2DModel (16 packed channels: the VAE's 4 latent channels in 2x2
+    patches; with or without the guidance embedding), CLIPTextModel (its pooled output), a T5EncoderModel from a
+    tiny T5Config, VAE with Flux's scaling and shift factors, and Flux's dynamically shifted flow-matching scheduler.
+    Both text encoders read the CLIP tokenizer built in code: a T5 tokenizer would need the hub, and the T5 encoder
+    only reads token ids."""
+    tokenizer = tiny_clip_tokenizer(directory)
+    transformer = partial(
+        FluxTransformer2DModel,
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's hidden size
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    )
+    t5 = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=1,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    modules = _seeded(
+        dtype,
+        transformer=transformer,
+        vae=partial(_tiny_vae, shift_factor=0.1159, scaling_factor=0.3611),
+        text_encoder=lambda: CLIPTextModel(_clip_config(tokenizer)),
+        text_encoder_2=lambda: T5EncoderModel(t5),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, use_dynamic_shifting=True
+    )
+    return dict(**modules, tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_components(tmp_path_factory):
+    """Float64, with the guidance embedding; tests/test_flux.py builds the variant without it."""
+    return tiny_flux_pipeline_components(tmp_path_factory.mktemp("flux-tokenizer"), torch.float64)
+
+
+def tiny_controlnet_components(directory, dtype=torch.float32):
+    """StableDiffusionControlNetPipeline components: the tiny SD ones and a ControlNet made from the tiny UNet
+    (`ControlNetModel.from_unet`, 16x16 control images), whose zero-initialised convolutions (which make a fresh
+    ControlNet change nothing) are drawn at random, so that the control image and its scale matter."""
+    from diffusers import ControlNetModel
+
+    def controlnet():
+        unet = _tiny_unet(cross_attention_dim=32, attention_head_dim=4)
+        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32))
+        for conv in (net.controlnet_cond_embedding.conv_out, *net.controlnet_down_blocks, net.controlnet_mid_block):
+            conv.reset_parameters()
+        return net
+
+    components = tiny_stable_diffusion_components(directory, dtype)
+    return dict(components, **_seeded(dtype, controlnet=controlnet), image_encoder=None)
+
+
+def tiny_wan_components(directory, dtype=torch.float32):
+    """WanPipeline components at diffusers' fast-test sizes: WanTransformer3DModel (patch (1, 2, 2)), the Wan VAE
+    (8x spatial, 4x temporal: 32x32 videos of 9 frames are latents `(16, 3, 4, 4)`), a UMT5 encoder behind the tiny
+    CLIP tokenizer (WanPipeline takes any tokenizer; UMT5's own needs the hub), and Wan's default scheduler, UniPC
+    with flow sigmas (shift 3)."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = tiny_clip_tokenizer(directory)
+    text_config = UMT5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    vae = partial(
+        AutoencoderKLWan,
+        base_dim=3,
+        z_dim=16,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+    )
+    transformer = partial(
+        WanTransformer3DModel,
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    modules = _seeded(dtype, transformer=transformer, vae=vae, text_encoder=lambda: UMT5EncoderModel(text_config))
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return dict(**modules, tokenizer=tokenizer, scheduler=scheduler, transformer_2=None)

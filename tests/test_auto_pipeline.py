@@ -2,13 +2,20 @@
 
 import pytest
 import torch
+from conftest import tiny_controlnet_components, tiny_wan_components
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
     DiffusionPipeline,
+    FluxPipeline,
     StableDiffusion3Pipeline,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
+    StableDiffusionXLImg2ImgPipeline,
     StableDiffusionXLPipeline,
+    WanPipeline,
 )
 
 from pcr_diffusers import load_digits_pipeline
@@ -18,21 +25,34 @@ from pcr_diffusers.pipelines.auto_pipeline import TWINS, twin_class
 
 TEXT_TO_IMAGE = {  # parent -> the fixture with its tiny components
     StableDiffusionPipeline: "tiny_sd_components",
+    StableDiffusionImg2ImgPipeline: "tiny_sd_components",
+    StableDiffusionInpaintPipeline: "tiny_sd_components",
     StableDiffusionXLPipeline: "tiny_sdxl_components",
+    StableDiffusionXLImg2ImgPipeline: "tiny_sdxl_components",
     StableDiffusion3Pipeline: "tiny_sd3_components",
+    FluxPipeline: "tiny_flux_components",
+}
+
+
+BUILT = {  # parent -> the builder of its tiny components
+    StableDiffusionControlNetPipeline: tiny_controlnet_components,
+    WanPipeline: tiny_wan_components,
 }
 
 
 def parent(request, parent_class):
     if parent_class in (DDPMPipeline, DDIMPipeline):
         return load_digits_pipeline("ddpm" if parent_class is DDPMPipeline else "ddim")
+    if parent_class in BUILT:
+        return parent_class(**BUILT[parent_class](request.getfixturevalue("tmp_path")))
     return parent_class(**request.getfixturevalue(TEXT_TO_IMAGE[parent_class]))
 
 
-PARENTS = [DDPMPipeline, DDIMPipeline, *TEXT_TO_IMAGE]
+PARENTS = [DDPMPipeline, DDIMPipeline, *TEXT_TO_IMAGE, *BUILT]
 
 
 def test_every_twin_stands_in_for_the_parent_it_is_registered_for():
+    assert {parent_class.__name__ for parent_class in PARENTS} == set(TWINS)  # and each is tested below
     for parent_name in TWINS:
         assert parent_pipeline_class(twin_class(parent_name)).__name__ == parent_name
 

@@ -24,22 +24,22 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
+from pcr_diffusers.pipeline_utils import parent_pipeline_class
 from pcr_diffusers.pipelines import (
     PCRDDIMPipeline,
     PCRDDPMPipeline,
     PCRStableDiffusion3Pipeline,
     PCRStableDiffusionPipeline,
     PCRStableDiffusionXLPipeline,
+    auto_pipeline,
 )
 from pcr_diffusers.schedulers import PCR_SCHEDULERS
 
 PIPELINES = [
-    (DDPMPipeline, PCRDDPMPipeline),
-    (DDIMPipeline, PCRDDIMPipeline),
-    (StableDiffusionPipeline, PCRStableDiffusionPipeline),
-    (StableDiffusionXLPipeline, PCRStableDiffusionXLPipeline),
-    (StableDiffusion3Pipeline, PCRStableDiffusion3Pipeline),
-]
+    (parent_pipeline_class(auto_pipeline.twin_class(name)), auto_pipeline.twin_class(name))
+    for name in auto_pipeline.TWINS
+]  # DDPM, DDIM first
+assert PIPELINES[:2] == [(DDPMPipeline, PCRDDPMPipeline), (DDIMPipeline, PCRDDIMPipeline)]
 OUR_OPTIONS = ["parallel", "tolerance", "jacobian", "max_rounds", "max_memory"]
 
 

@@ -31,6 +31,7 @@ from diffusers import (
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
+    UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
 
@@ -380,3 +381,18 @@ def test_bad_input_fails_before_any_model_call(request, monkeypatch, name, kwarg
     forbid_model_calls(pcr, monkeypatch)
     with pytest.raises(ValueError, match=match):
         pcr(**{"prompt": "a cat", "num_inference_steps": STEPS, **kwargs})
+
+
+def test_guidance_embedding_unets_get_a_row_per_model_row(request):
+    """An LCM-style UNet (`time_cond_proj_dim`, a guidance embedding) under classifier-free guidance, in windows."""
+    components = dict(request.getfixturevalue("tiny_sd_components"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config(components["unet"].config, time_cond_proj_dim=8)
+    components["unet"] = unet.double().eval()
+    pipe = StableDiffusionPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, output_type="latent", guidance_scale=5.0)
+    ref = pipe(**seeded(kwargs)).images
+    out = pcr_pipeline("sd", pipe)(**seeded(kwargs), parallel=4, tolerance=TOLERANCE)
+    assert out.stats.converged and out.stats.rounds < STEPS
+    assert (out.images - ref).abs().max() <= 1e-4 * ref.abs().max()

@@ -17,9 +17,18 @@ from ..pipeline_utils import PCR_CLASS_KEY, PCRPipelineMixin
 TWINS = {
     "DDPMPipeline": ("pipeline_pcr_ddpm", "PCRDDPMPipeline"),
     "DDIMPipeline": ("pipeline_pcr_ddim", "PCRDDIMPipeline"),
+    "FluxPipeline": ("pipeline_pcr_flux", "PCRFluxPipeline"),
     "StableDiffusionPipeline": ("pipeline_pcr_stable_diffusion", "PCRStableDiffusionPipeline"),
+    "StableDiffusionImg2ImgPipeline": ("pipeline_pcr_stable_diffusion_img2img", "PCRStableDiffusionImg2ImgPipeline"),
+    "StableDiffusionInpaintPipeline": ("pipeline_pcr_stable_diffusion_inpaint", "PCRStableDiffusionInpaintPipeline"),
     "StableDiffusionXLPipeline": ("pipeline_pcr_stable_diffusion_xl", "PCRStableDiffusionXLPipeline"),
+    "StableDiffusionXLImg2ImgPipeline": (
+        "pipeline_pcr_stable_diffusion_xl_img2img",
+        "PCRStableDiffusionXLImg2ImgPipeline",
+    ),
     "StableDiffusion3Pipeline": ("pipeline_pcr_stable_diffusion_3", "PCRStableDiffusion3Pipeline"),
+    "StableDiffusionControlNetPipeline": ("pipeline_pcr_controlnet", "PCRStableDiffusionControlNetPipeline"),
+    "WanPipeline": ("pipeline_pcr_wan", "PCRWanPipeline"),
 }
 
 

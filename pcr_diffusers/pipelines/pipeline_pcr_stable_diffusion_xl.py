@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device
 
 from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
 from pcr_diffusers.text_to_image import TEXT_ENCODING_LOCK, PCRTextToImageMixin
@@ -205,25 +204,5 @@ class PCRStableDiffusionXLPipeline(PCRTextToImageMixin, StableDiffusionXLPipelin
         # 6. Decode (upcasting a float16 VAE that asks for it) and post-process, as the parent does
         image = latents
         if output_type != "latent":
-            image = self.image_processor.postprocess(self._decode(latents), output_type=output_type)
+            image = self.image_processor.postprocess(self.decode_sdxl_latents(latents), output_type=output_type)
         return self.pcr_output(StableDiffusionXLPipelineOutput(images=image), stats, return_dict)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """The parent's decoding: VAE upcasting, latents mean/std or scaling factor, watermark."""
-        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        if needs_upcasting:
-            self.upcast_vae()
-            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
-        config = self.vae.config
-        if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
-            mean = torch.tensor(config.latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(config.latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
-        if needs_upcasting:
-            self.vae.to(dtype=torch.float16)
-        if self.watermark is not None:
-            image = self.watermark.apply_watermark(image)
-        return image
