@@ -44,9 +44,9 @@ class PCRDDPMPipeline(PCRPipelineMixin, DDPMPipeline):
                 the memory budget (see `max_memory`).
             tolerance (`float`, defaults to 3e-3): how far the result may be from the sequential one, relative to
                 the state's size: each step is accepted only when its residual `||Phi_i(x_i) - x_{i+1}||_inf` at its
-                final input is within `tolerance / sqrt(N)`; see `pcr_diffusers.sampling.denoise_parallel`. With the
-                default, the shipped model's images stayed within 1.2e-3 of the sequential ones in [0, 1] pixels
-                (a third of an 8-bit gray level).
+                final input is within `tolerance / N`; see `pcr_diffusers.sampling.denoise_parallel`. With the
+                default, the shipped model's images stayed within 1.9e-3 of the sequential ones in [0, 1] pixels
+                (half an 8-bit gray level).
             jacobian (`str`, defaults to `"auto"`): `"auto"`, `"secant"`, `"denoiser"`, `"scheduler"` or `"identity"`
                 (ParaDiGMS' Picard iteration), or a `pcr_diffusers.core.Jacobian`; see
                 `pcr_diffusers.sampling.denoise_parallel`.
