@@ -1,8 +1,9 @@
-"""Speed-up map of `PCRSequential` over `nn.Sequential` for deep MLPs, forward and forward+backward.
+"""Speed-up map of `PCRSequential` over `nn.Sequential` for deep MLPs and ResNets, forward and forward+backward.
 
     python benchmarks/layers.py [--device cuda] [--threads N] [--out layers.png]
     python benchmarks/layers.py --quick --out layers_quick.png            # a smoke test, seconds
     python benchmarks/layers.py --L 4096 --d 4 8 --batch 1                # some cells of the grid
+    python benchmarks/layers.py --resnets [--quick] --out resnets.png     # conv ResNets and wide MLPs, per Jacobian
 
 Each cell is the wall-clock ratio `nn.Sequential / PCRSequential` (above 1: PCR is faster) on the same L layers
 `x -> tanh(W_l x + c_l)` (PyTorch's default init, a contractive chain), float32, both measured side by side in one
@@ -32,10 +33,31 @@ from common import device_name, print_table, seconds
 from matplotlib.colors import LogNorm
 from torch import nn
 
-from pcr_diffusers.nn import PCRSequential
+from pcr_diffusers.nn import PCRSequential, Residual, SampleDiagonalJacobian
 
 GRID = {"L": [64, 256, 1024, 4096], "d": [4, 8, 16, 32, 64], "batch": [1, 16]}
 QUICK_GRID = {"L": [64, 256], "d": [4, 16], "batch": [1, 16]}
+# (kind, channels or width, image side): conv ResNets on (batch, C, H, H) and wide residual MLPs on (batch, d)
+RESNETS = [("conv", 4, 8), ("conv", 16, 8), ("conv", 16, 16), ("mlp", 64, 0), ("mlp", 256, 0)]
+RESNET_DEPTHS = [64, 256, 1024]
+QUICK_RESNETS, QUICK_RESNET_DEPTHS = [("conv", 4, 8), ("mlp", 64, 0)], [64]
+JACOBIAN_CHOICES = ["exact", "diagonal", "hutchinson-4", "identity"]
+# "exact" and "diagonal" cost D vector-Jacobian products of every block per Newton iteration ("exact" also a dense
+# D^3 PCR): beyond this many entries per sample a cell would take minutes to lose by orders of magnitude.
+VJP_JACOBIAN_MAX_SIZE = 64
+
+
+class ConvBlock(nn.Module):
+    """A pre-norm conv residual block `x + s conv3x3(silu(GroupNorm(x)))` on `(batch, C, H, W)`."""
+
+    def __init__(self, channels: int, scale: float):
+        super().__init__()
+        self.norm = nn.GroupNorm(min(4, channels), channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x):
+        return x + self.scale * self.conv(nn.functional.silu(self.norm(x)))
 
 
 def mlp_layers(L: int, d: int, device: str) -> list[nn.Module]:
@@ -72,7 +94,7 @@ def measure(L: int, d: int, batch: int, repeats: int, device: str) -> dict:
     """Forward and forward+backward seconds of both stacks over the same layers, timed one after the other."""
     torch.manual_seed(0)
     layers = mlp_layers(L, d, device)
-    loop, pcr = nn.Sequential(*layers), PCRSequential(*layers)
+    loop, pcr = nn.Sequential(*layers), PCRSequential(*layers, jacobian="exact")
     x = torch.randn(batch, d, device=device)
     x_grad = x.clone().requires_grad_()
     outputs = {}
@@ -91,6 +113,105 @@ def measure(L: int, d: int, batch: int, repeats: int, device: str) -> dict:
     out["loop_fb"] = timed(lambda: forward_backward(loop), repeats, device)
     out["pcr_fb"] = timed(lambda: forward_backward(pcr), repeats, device)
     return out
+
+
+def resnet_blocks(kind: str, width: int, side: int, L: int, device: str) -> tuple[list[nn.Module], tuple]:
+    """L residual blocks (scale `1/sqrt(L)`) and the shape of one sample."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        return [ConvBlock(width, L**-0.5).to(device) for _ in range(L)], (width, side, side)
+    mlp = [nn.Sequential(nn.LayerNorm(width), nn.Linear(width, width), nn.GELU()) for _ in range(L)]
+    return [Residual(block, scale=L**-0.5).to(device) for block in mlp], (width,)
+
+
+def measure_resnet(kind, width, side, L, batch, repeats, device) -> list[dict]:
+    """The loop once, then PCR under every Jacobian choice, over the same blocks and input, in this run."""
+    blocks, sample = resnet_blocks(kind, width, side, L, device)
+    size = math.prod(sample)
+    x = torch.randn(batch, *sample, device=device)
+    x_grad = x.clone().requires_grad_()
+    outputs = {}
+
+    def forward(model, key):
+        with torch.no_grad():
+            outputs[key] = model(x)
+
+    def forward_backward(model):
+        model(x_grad).square().sum().backward()
+
+    loop = nn.Sequential(*blocks)
+    loop_fwd = timed(lambda: forward(loop, "loop"), repeats, device)
+    loop_fb = timed(lambda: forward_backward(loop), repeats, device)
+    rows = []
+    for name in JACOBIAN_CHOICES:
+        row = {"model": f"{kind} {'x'.join(map(str, sample))}", "D": size, "L": L, "batch": batch, "jacobian": name}
+        row.update(loop_fwd=loop_fwd, loop_fb=loop_fb)
+        if name in ("exact", "diagonal") and size > VJP_JACOBIAN_MAX_SIZE:
+            rows.append(row | {"skipped": f"D={size} VJPs per iteration"})
+            continue
+        jacobian = SampleDiagonalJacobian(probes=4) if name == "hutchinson-4" else name
+        pcr = PCRSequential(*blocks, jacobian=jacobian)
+        row["pcr_fwd"] = timed(lambda: forward(pcr, name), repeats, device)  # noqa: B023 (called right here)
+        row["diff"] = (outputs["loop"] - outputs[name]).abs().max().item()
+        row["iters"] = pcr.last_result.num_iters
+        row["pcr_fb"] = timed(lambda: forward_backward(pcr), repeats, device)  # noqa: B023
+        row["adjoint_iters"] = "dense" if name == "exact" else pcr.last_adjoint_result.num_iters
+        rows.append(row)
+    return rows
+
+
+def resnet_table(args, machine: str) -> None:
+    """Conv ResNets and wide residual MLPs under each Jacobian: a table, a summary and a heat map of the ratios."""
+    cases, depths = (QUICK_RESNETS, QUICK_RESNET_DEPTHS) if args.quick else (RESNETS, RESNET_DEPTHS)
+    depths = args.L or depths
+    batch = (args.batch or [1])[0]
+    repeats = 1 if args.quick else args.repeats
+    print(f"nn.Sequential / PCRSequential wall-clock, residual blocks (scale 1/sqrt(L)), float32, batch {batch}, on")
+    print(f"{machine}")
+    rows = []
+    for kind, width, side in cases:
+        for L in depths:
+            for row in measure_resnet(kind, width, side, L, batch, repeats, args.device):
+                rows.append(row)
+                print(row, file=sys.stderr)  # progress: the full table takes minutes
+    header = ["model", "D", "L", "jacobian", "iters fwd/adj", "max |diff|", "loop fwd", "PCR fwd", "fwd ratio"]
+    header += ["loop f+b", "PCR f+b", "f+b ratio"]
+    table = []
+    for r in rows:
+        line = [r["model"], r["D"], r["L"], r["jacobian"]]
+        if "skipped" in r:
+            table.append(line + ["skipped", r["skipped"]] + [""] * 6)
+            continue
+        line += [f"{r['iters']}/{r['adjoint_iters']}", f"{r['diff']:.1e}"]
+        line += [f"{1e3 * r['loop_fwd']:.1f}ms", f"{1e3 * r['pcr_fwd']:.1f}ms", f"{r['loop_fwd'] / r['pcr_fwd']:.2f}x"]
+        line += [f"{1e3 * r['loop_fb']:.1f}ms", f"{1e3 * r['pcr_fb']:.1f}ms", f"{r['loop_fb'] / r['pcr_fb']:.2f}x"]
+        table.append(line)
+    print_table(header, table)
+    measured = [r for r in rows if "skipped" not in r]
+    for key, name in [("fwd", "forward"), ("fb", "forward+backward")]:
+        ratios = [(r[f"loop_{key}"] / r[f"pcr_{key}"], r) for r in measured]
+        wins = [f"{r['model']} L={r['L']} {r['jacobian']} ({q:.2f}x)" for q, r in ratios if q >= 1]
+        print(f"{name}: PCR faster in {len(wins)} of {len(ratios)} cells" + (": " + "; ".join(wins) if wins else ""))
+    cells = sorted({(r["model"], r["L"]) for r in rows}, key=lambda c: (c[0], c[1]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(cells) + 2), layout="constrained")
+    for ax, (key, name) in zip(axes, [("fwd", "forward"), ("fb", "forward + backward")], strict=True):
+        values = np.full((len(cells), len(JACOBIAN_CHOICES)), np.nan)
+        for r in measured:
+            values[cells.index((r["model"], r["L"])), JACOBIAN_CHOICES.index(r["jacobian"])] = (
+                r[f"loop_{key}"] / r[f"pcr_{key}"]
+            )
+        span = max(np.nanmax(values), 1 / np.nanmin(values), 2.0)
+        image = ax.imshow(values, cmap="RdBu", norm=LogNorm(1 / span, span), aspect="auto")
+        for i, j in np.ndindex(values.shape):
+            text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2g}x"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(len(JACOBIAN_CHOICES)), JACOBIAN_CHOICES)
+        ax.set_yticks(range(len(cells)), [f"{model}, L={L}" for model, L in cells])
+        ax.set_title(name)
+    fig.colorbar(image, ax=axes, label="nn.Sequential time / PCRSequential time (blue: PCR faster)")
+    fig.suptitle(f"residual blocks, float32, batch {batch}, {machine}", fontsize=10)
+    fig.savefig(args.out, dpi=120)
+    print(f"wrote {args.out}")
 
 
 def heat_map(results: dict, grid: dict, title: str, path: str) -> None:
@@ -142,14 +263,18 @@ def main():
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--quick", action="store_true", help=f"a small grid {QUICK_GRID}, one repeat: a smoke test")
     parser.add_argument("--out", default="layers.png", help="where to save the heat map")
+    parser.add_argument("--resnets", action="store_true", help="conv ResNets and wide MLPs under every Jacobian")
     for axis in GRID:
         parser.add_argument(f"--{axis}", type=int, nargs="+", help=f"override the grid's {axis} values")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    machine = device_name(args.device)
+    if args.resnets:
+        resnet_table(args, machine)
+        return
     grid, repeats = (QUICK_GRID, 1) if args.quick else (GRID, args.repeats)
     grid = {axis: getattr(args, axis) or values for axis, values in grid.items()}
-    machine = device_name(args.device)
     print(f"nn.Sequential / PCRSequential wall-clock, tanh MLP, float32, on {machine}")
     header = ["L", "d", "batch", "iters", "max |diff|", "levels loop/PCR", "work PCR/loop", "loop fwd", "PCR fwd"]
     header += ["fwd ratio"]

@@ -5,10 +5,13 @@ import torch
 from torch import nn
 
 from pcr_diffusers import SolveResult
-from pcr_diffusers.nn import PCRSequential, Residual
+from pcr_diffusers.nn import EXACT_MAX_SIZE, PCRSequential, Residual, SampleDiagonalJacobian
+from pcr_diffusers.nn.jacobians import resolve_jacobian
 
 KINDS = ["mlp", "residual", "norm"]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-13}  # a bound on each layer's residual; the tests compare at 1e-4, 1e-12
+JACOBIANS = ["exact", "diagonal", "identity"]
+TOL = {torch.float32: 2e-6, torch.float64: 1e-13}  # a bound on each layer's residual
+ATOL = {torch.float32: 1e-4, torch.float64: 1e-8}  # what the outputs and gradients are compared at
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,18 +72,29 @@ def assert_matches_twin(pcr, x, atol, rtol):
         torch.testing.assert_close(g, g_ref, atol=atol * max(1.0, g_ref.abs().max().item()), rtol=rtol)
 
 
+@pytest.mark.parametrize("jacobian", JACOBIANS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("L", [1, 2, 7, 100, 257])
-def test_outputs_and_gradients_equal_nn_sequential(kind, dtype, L):
-    pcr = PCRSequential(*make_layers(kind, L, dtype=dtype), tol=TOL[dtype])
-    x = torch.randn(3, 6, dtype=dtype)
-    atol = 1e-12 if dtype == torch.float64 else 1e-4
-    assert_matches_twin(pcr, x, atol=atol, rtol=atol)
+@pytest.mark.parametrize("L", [1, 2, 7, 65])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_outputs_and_gradients_equal_nn_sequential(kind, dtype, L, batch, jacobian):
+    if kind == "mlp" and jacobian == "identity":
+        pytest.skip("Picard iteration diverges on a non-residual tanh chain; see the damping test")
+    pcr = PCRSequential(*make_layers(kind, L, dtype=dtype), jacobian=jacobian, tol=TOL[dtype])
+    x = torch.randn(batch, 6, dtype=dtype)
+    assert_matches_twin(pcr, x, atol=ATOL[dtype], rtol=ATOL[dtype])
     result = pcr.last_result
     assert isinstance(result, SolveResult) and result.converged
-    assert result.states.shape == (L, 3, 6)
-    assert result.num_iters <= min(L, 12) and len(result.residuals) == result.num_iters
+    assert result.states.shape == (L, batch, 6)
+    assert len(result.residuals) == result.num_iters <= (min(L, 12) if jacobian == "exact" else L)
+    if jacobian != "exact":  # the adjoint was solved by Newton with exact VJPs, within the same bound
+        assert pcr.last_adjoint_result.converged and pcr.last_adjoint_result.num_iters <= L
+
+
+def test_a_257_block_stack_with_picard():
+    pcr = PCRSequential(*make_layers("norm", 257), jacobian="identity", tol=TOL[torch.float64])
+    assert_matches_twin(pcr, torch.randn(1, 6, dtype=torch.float64), atol=1e-8, rtol=1e-8)
+    assert pcr.last_result.converged and pcr.last_result.num_iters < 64
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -237,5 +251,149 @@ def test_empty_stack_is_the_identity_and_deepcopy_works():
 
 def test_an_input_of_the_wrong_width_gets_a_clear_error():
     pcr = PCRSequential(*make_layers("mlp", 3))
-    with pytest.raises(ValueError, match="`input` with last axis 5 does not fit layer 0"):
+    with pytest.raises(ValueError, match="`input` of shape \\(2, 5\\) does not fit layer 0"):
         pcr(torch.randn(2, 5, dtype=torch.float64))
+
+
+class ConvBlock(nn.Module):
+    """A user's own pre-norm conv residual block on images `(B, C, H, W)`: `x + s conv(silu(GroupNorm(x)))`."""
+
+    def __init__(self, channels, scale):
+        super().__init__()
+        self.norm = nn.GroupNorm(2, channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x):
+        return x + self.scale * self.conv(nn.functional.silu(self.norm(x)))
+
+
+def make_conv_blocks(L, channels=2, dtype=torch.float64, seed=0):
+    torch.manual_seed(seed)
+    blocks = [ConvBlock(channels, 2 / L**0.5) for _ in range(L)]
+    for block in blocks:
+        nn.init.normal_(block.norm.weight, 1.0, 0.2)
+        nn.init.normal_(block.norm.bias, 0.0, 0.2)
+    return [block.to(dtype) for block in blocks]
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("L", [1, 2, 7, 65])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_conv_resnet_outputs_and_gradients_equal_nn_sequential(L, batch, dtype, jacobian):
+    pcr = PCRSequential(*make_conv_blocks(L, dtype=dtype), jacobian=jacobian, tol=TOL[dtype])
+    x = torch.randn(batch, 2, 4, 4, dtype=dtype)  # 32 entries per sample
+    assert_matches_twin(pcr, x, atol=ATOL[dtype], rtol=ATOL[dtype])
+    assert pcr.last_result.converged and pcr.last_result.states.shape == (L, batch, 32)
+
+
+def test_sequences_in_training_mode_with_per_sample_normalisation():
+    torch.manual_seed(0)
+    blocks = [Residual(nn.Sequential(nn.LayerNorm(4), nn.Linear(4, 4), nn.GELU()), scale=0.3) for _ in range(9)]
+    x = torch.randn(3, 5, 4, dtype=torch.float64)  # (B, T, d)
+    for jacobian in JACOBIANS:
+        pcr = PCRSequential(*[block.double() for block in blocks], jacobian=jacobian, tol=1e-13).train()
+        assert_matches_twin(pcr, x, atol=1e-8, rtol=1e-8)
+        assert pcr.last_result.states.shape == (9, 3, 20)
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS)
+@pytest.mark.parametrize("kind", ["norm", "conv"])
+def test_gradcheck_every_jacobian(kind, jacobian):
+    layers = make_layers(kind, 4, d=3) if kind == "norm" else make_conv_blocks(3)
+    x = torch.randn(2, 3, dtype=torch.float64) if kind == "norm" else torch.randn(2, 2, 2, 2, dtype=torch.float64)
+    pcr = PCRSequential(*layers, jacobian=jacobian, tol=1e-12)
+    names = [name for name, _ in pcr.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in pcr.parameters()]
+
+    def f(x, *params):
+        return torch.func.functional_call(pcr, dict(zip(names, params, strict=True)), (x,))
+
+    assert torch.autograd.gradcheck(f, (x.requires_grad_(), *params))
+
+
+def test_hutchinson_diagonal_converges_to_the_same_chain():
+    pcr = PCRSequential(*make_conv_blocks(20), jacobian=SampleDiagonalJacobian(probes=4), tol=1e-13)
+    assert_matches_twin(pcr, torch.randn(3, 2, 4, 4, dtype=torch.float64), atol=1e-8, rtol=1e-8)
+    assert pcr.last_result.converged and pcr.last_adjoint_result.converged
+    with pytest.raises(ValueError, match="probes"):
+        SampleDiagonalJacobian(probes=0)
+
+
+def test_exact_diagonal_is_the_jacobians_diagonal():
+    layers = make_conv_blocks(3)
+    x_prev = torch.randn(3, 2, 32, dtype=torch.float64)  # (L, batch, D)
+
+    def step(ls, h):
+        return torch.stack([layers[l](h[i].reshape(2, 2, 4, 4)).reshape(2, 32) for i, l in enumerate(ls)])
+
+    jacobian = SampleDiagonalJacobian()
+    jacobian.reset(3, x_prev[0])
+    _, diag = jacobian.evaluate(step, torch.arange(3), x_prev)
+    for l, layer in enumerate(layers):
+        for b in range(2):
+            J = torch.autograd.functional.jacobian(
+                lambda v, layer=layer: layer(v.reshape(1, 2, 4, 4)).reshape(32), x_prev[l, b]
+            )
+            torch.testing.assert_close(diag[l, b], J.diagonal(), rtol=1e-12, atol=1e-12)
+
+
+def test_auto_and_the_size_limit_of_exact():
+    assert resolve_jacobian("auto", 16)[0] == "exact" and resolve_jacobian("auto", 17, residual=True)[0] == "identity"
+    # Picard can diverge on stacks that are not residual: exact while the dense solve is allowed
+    assert resolve_jacobian("auto", 256)[0] == "exact" and resolve_jacobian("auto", 257)[0] == "identity"
+    big = PCRSequential(*make_conv_blocks(2, channels=4), jacobian="exact")
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)  # 256 entries: at the limit
+    assert resolve_jacobian("exact", EXACT_MAX_SIZE)[0] == "exact"
+    with pytest.raises(ValueError, match="jacobian='exact'.*257 x 257.*limit of 256"):
+        resolve_jacobian("exact", EXACT_MAX_SIZE + 1)
+    with pytest.raises(ValueError, match="jacobian='exact'.*1024 x 1024"):
+        big(torch.randn(1, 4, 16, 16, dtype=torch.float64))
+    torch.testing.assert_close(PCRSequential(*big, tol=1e-13)(x), nn.Sequential(*big)(x), rtol=1e-8, atol=1e-8)
+
+
+def test_damping_keeps_a_divergent_picard_chain_bounded():
+    layers = make_layers("mlp", 100)  # non-residual: J = I is a poor model and Picard's iterates blow up
+    x = torch.randn(3, 6, dtype=torch.float64)
+    plain = PCRSequential(*layers, jacobian="identity", tol=1e-10, max_iters=100)
+    damped = PCRSequential(*layers, jacobian="identity", damping=3.0, tol=1e-10, max_iters=100)
+    assert_matches_twin(damped, x, atol=1e-8, rtol=1e-8)
+    plain(x)
+    assert max(plain.last_result.residuals) > 1e6 and max(damped.last_result.residuals) < 10
+    assert damped.last_result.num_iters < 0.8 * plain.last_result.num_iters
+    with pytest.raises(ValueError, match="damping"):
+        PCRSequential(*layers, damping=-1.0)
+
+
+def test_unconverged_adjoint_is_reported_and_finished_sequentially():
+    pcr = PCRSequential(*make_conv_blocks(30), jacobian="identity", tol=1e-13, max_iters=4)
+    x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning) as caught:
+        assert_matches_twin(pcr, x, atol=1e-8, rtol=1e-8)
+    assert {"forward pass", "backward (adjoint) pass"} == {
+        what for what in ("forward pass", "backward (adjoint) pass") for w in caught if what in str(w.message)
+    }
+    assert not pcr.last_adjoint_result.converged and pcr.last_adjoint_result.num_iters == 4
+
+
+def test_blocks_that_are_not_per_sample_or_change_the_shape_are_refused():
+    class CentreOverBatch(nn.Module):
+        def forward(self, x):
+            return x - x.mean(0)
+
+    x = torch.randn(3, 4, 4, 4)
+    cases = [
+        (
+            [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)],
+            "layer 0 \\(Conv2d\\) must map .* same shape",
+        ),
+        ([nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3)], "layer 0 \\(Conv2d\\) must map .* same shape"),
+        ([CentreOverBatch(), CentreOverBatch()], "layer 0 \\(CentreOverBatch\\) .* couples the samples"),
+        ([nn.BatchNorm2d(4), nn.BatchNorm2d(4)], "layer 0 is a BatchNorm2d that normalises with batch statistics"),
+    ]
+    for layers, message in cases:
+        with pytest.raises(ValueError, match=f"`layers`.*{message}"):
+            PCRSequential(*layers)(x)
+    with pytest.raises(ValueError, match="jacobian"):
+        PCRSequential(nn.Tanh(), jacobian="zero")

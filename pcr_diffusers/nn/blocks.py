@@ -6,9 +6,10 @@ from torch import nn
 
 
 class Residual(nn.Module):
-    """The residual block `x + scale * fn(x)`, for `fn` mapping `(batch, d)` to `(batch, d)`.
+    """The residual block `x + scale * fn(x)`, for `fn` mapping a state `(batch, *state)` to the same shape.
 
-    E.g. `Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()), scale=0.1)`, a pre-norm MLP block.
+    E.g. `Residual(nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.Tanh()), scale=0.1)`, a pre-norm MLP block,
+    or `Residual(nn.Sequential(nn.GroupNorm(2, C), nn.SiLU(), nn.Conv2d(C, C, 3, padding=1)))` on `(B, C, H, W)`.
     """
 
     def __init__(self, fn: nn.Module, scale: float = 1.0):

@@ -60,8 +60,8 @@ class LayerStack:
     """L layers of one architecture, evaluated all at once.
 
     Args:
-        layers: the modules `f_1, ..., f_L`; each maps a state `(batch, d)` to a state of the same shape, acting on
-            each sample (row) independently.
+        layers: the modules `f_1, ..., f_L`; each maps a state `(batch, *state)` to a state of the same shape,
+            acting on each sample independently.
 
     Raises:
         ValueError: naming the first layer and the first attribute, parameter or buffer that differs from layer 0,
@@ -109,7 +109,7 @@ class LayerStack:
         }
 
     def evaluate(self, params: dict, buffers: dict, x: torch.Tensor) -> torch.Tensor:
-        """`f_l(x_l)` for n layers at once: stacked `params`/`buffers` `(n, ...)`, `x` `(n, batch, d)` -> same."""
+        """`f_l(x_l)` for n layers at once: stacked `params`/`buffers` `(n, ...)`, `x` `(n, batch, *state)` -> same."""
 
         def one_layer(p, b, x_l):
             return torch.func.functional_call(self.template, (p, b), (x_l,))
@@ -117,7 +117,7 @@ class LayerStack:
         out = torch.func.vmap(one_layer)(params, buffers, x)
         if out.shape != x.shape:
             raise ValueError(
-                f"`layers` must map a state (batch, d) to the same shape; on input {tuple(x.shape[1:])} a layer "
+                f"`layers` must map a state (batch, *state) to the same shape; on input {tuple(x.shape[1:])} a layer "
                 f"returned {tuple(out.shape[1:])}."
             )
         return out
