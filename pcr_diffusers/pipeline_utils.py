@@ -78,7 +78,8 @@ class PCRPipelineMixin:
         self.maybe_free_model_hooks()
         caller = getattr(self, "_pcr_caller", self)
         for name, value in vars(self).items():  # what the parent leaves readable after a call (`num_timesteps`, ...)
-            if name not in ("scheduler", "_pcr_caller") and vars(caller).get(name) is not value:
+            unchanged = name in vars(caller) and vars(caller)[name] is value  # a None the caller lacks is new too
+            if name not in ("scheduler", "_pcr_caller") and not unchanged:
                 object.__setattr__(caller, name, value)
         if not hasattr(_last_stats, "table"):
             _last_stats.table = weakref.WeakKeyDictionary()
@@ -135,11 +136,16 @@ class PCRPipelineMixin:
         step_kwargs: dict | None = None,
         steps: range | None = None,
         after_step: Callable | None = None,
+        step_end: Callable | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """The denoising loop: parallel over windows of `options.parallel` steps, or the plain loop for 1.
 
         `steps`: the positions of the schedule to run (default all); `after_step`: what a step does besides the
         scheduler's step (default nothing); see `DenoisingChain` for both.
+        `step_end`: called after the solve for every step in order, `step_end(i, t, latents)`, with the chain's step
+        index i (the parent loop's `i`), its timestep (on the latents' device) and the accepted latents after it
+        `(B, C, H, W)`, in the model's dtype (the parents' `callback_on_step_end`, see `StepEndCallback`). The
+        parallel solve holds all N states anyway; the plain loop then keeps them too (N latents of memory).
         Precision: a float16 or bfloat16 model runs in its dtype, but the solver's states, residuals and the
         scheduler's steps are float32 (and so are those of the sequential loop, `parallel=1`); the latents and noise
         are drawn in the model's dtype as the parent pipeline draws them, and the result is returned in it.
@@ -164,7 +170,17 @@ class PCRPipelineMixin:
         denoise = denoise_sequential if options.parallel == 1 else denoise_parallel
         main_process = default_process_group() is None or dist.get_rank() == 0
         with self.progress_bar(total=len(chain)) if main_process else nullcontext() as progress_bar:
-            latents, stats = denoise(chain, latents.to(solver_dtype), **options.as_kwargs(), progress_bar=progress_bar)
+            latents, stats = denoise(
+                chain,
+                latents.to(solver_dtype),
+                **options.as_kwargs(),
+                progress_bar=progress_bar,
+                keep_states=step_end is not None,
+            )
+        if step_end is not None:
+            states, latents = latents, latents[-1]  # (N, B, C, H, W), in the solver's dtype
+            for i, position in enumerate(chain.steps):
+                step_end(i, scheduler.timesteps[position].to(latents.device), states[i].to(model_dtype))
         return latents.to(model_dtype), stats
 
     def save_pretrained(self, save_directory, *args, **kwargs):

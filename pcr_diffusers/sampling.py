@@ -481,6 +481,7 @@ def denoise_parallel(
     max_rounds: int | None = None,
     max_memory: int | str | None = None,
     progress_bar=None,
+    keep_states: bool = False,
 ) -> tuple[torch.Tensor, SamplingStats]:
     """Runs the denoising loop in parallel over time; returns the final latents `(B, C, H, W)` and the stats.
 
@@ -512,6 +513,8 @@ def denoise_parallel(
             the stats as a round) measures the memory of a step and the window is fitted to the budget
             (`pcr_diffusers.memory.fit_window`); a requested window that would not fit is shrunk, with a log message.
         progress_bar: a tqdm bar with `total` = N, advanced as steps are accepted.
+        keep_states: return every step's accepted state `(N, B, C, H, W)` (time axis first; the last is the final
+            latents) in place of the final latents. No extra memory: the solve holds all N states anyway.
     """
     check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     num_steps = len(chain)
@@ -538,15 +541,15 @@ def denoise_parallel(
         callback=callback,
         pad_window=chain.static_shapes,
     )
-    done = result.num_accepted
-    x = latents if done == 0 else result.states[done - 1]
+    done, states = result.num_accepted, result.states  # (N, B, C, H, W), the accepted steps first
+    x = latents if done == 0 else states[done - 1]
     if done < num_steps:
         logger.warning(
             f"Parallel sampling accepted {done} of {num_steps} steps in {result.num_iters} rounds "
             f"(max_rounds={max_rounds}); finishing the remaining {num_steps - done} steps sequentially."
         )
         for i in range(done, num_steps):
-            x = chain(ls[i : i + 1], x.unsqueeze(0))[0]
+            x = states[i] = chain(ls[i : i + 1], x.unsqueeze(0))[0]
             if progress_bar is not None:
                 progress_bar.update(1)
     stats = SamplingStats(
@@ -557,7 +560,7 @@ def denoise_parallel(
         sequential_steps=num_steps - done,
         window=window,
     )
-    return x, stats
+    return (states if keep_states else x), stats
 
 
 def denoise_sequential(
@@ -570,13 +573,18 @@ def denoise_sequential(
     max_rounds: int | None = None,
     max_memory: int | str | None = None,
     progress_bar=None,
+    keep_states: bool = False,
 ) -> tuple[torch.Tensor, SamplingStats]:
     """The plain loop, one model call per step: the twin of `denoise_parallel` (the parallel arguments are checked
-    and otherwise ignored)."""
+    and otherwise ignored). `keep_states` stores every step's state, `(N, B, C, H, W)`: N latents of memory here."""
     check_parallel_args(parallel, tolerance, jacobian, max_rounds, max_memory)
     x, ls = latents, torch.arange(len(chain), device=latents.device)
+    states = latents.new_empty(len(chain), *latents.shape) if keep_states else None
     for i in range(len(chain)):
         x = chain(ls[i : i + 1], x.unsqueeze(0))[0]
+        if states is not None:
+            states[i] = x
         if progress_bar is not None:
             progress_bar.update(1)
-    return x, SamplingStats(rounds=len(chain), model_evaluations=len(chain), converged=True)
+    stats = SamplingStats(rounds=len(chain), model_evaluations=len(chain), converged=True)
+    return (x if states is None else states), stats

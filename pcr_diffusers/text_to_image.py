@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 
 import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg, retrieve_timesteps
 from diffusers.utils.torch_utils import get_module_execution_device
 
@@ -28,11 +29,12 @@ from .schedulers import PCRScheduler, PCRSchedulerMixin
 # set on its shared backend at every call, so two prompts encoded at once can get each other's (measured: sequence
 # lengths 2 and 16 met in one batch). Our pipelines encode under this lock; the rest of a call runs concurrently.
 TEXT_ENCODING_LOCK = threading.Lock()
-_PER_STEP = "parallel sampling solves the steps together, so there is no step to call back after"
+_LEGACY_CALLBACK = (
+    "the legacy per-step callback is not implemented (use `callback_on_step_end`, which diffusers advises)"
+)
 UNSUPPORTED = {  # arguments of the parent pipelines that we reject, and why
-    "callback_on_step_end": _PER_STEP,
-    "callback": _PER_STEP,
-    "callback_steps": _PER_STEP,
+    "callback": _LEGACY_CALLBACK,
+    "callback_steps": _LEGACY_CALLBACK,
     "ip_adapter_image": "IP-Adapter is not implemented",
     "ip_adapter_image_embeds": "IP-Adapter is not implemented",
     "negative_ip_adapter_image": "IP-Adapter is not implemented",
@@ -112,6 +114,106 @@ class GuidedModel:
         return guided
 
 
+# Attributes a callback may change: the step's timestep (we set it, as the parents do) and the progress bar's display.
+_UNWATCHED = ("_current_timestep", "_progress_bar_config")
+_DELETED = object()
+
+
+def _fingerprint(value):
+    """What tells whether a pipeline attribute changed: the value of a number, string or None, the entries of a
+    dict, else the object itself (compared by identity)."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return type(value), value
+    if isinstance(value, dict):
+        return tuple((key, _fingerprint(item)) for key, item in value.items())
+    return id(value)
+
+
+def _same_tensor(before, after) -> bool:
+    if before is after:
+        return True
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return False
+    return (before.shape, before.dtype, before.device) == (after.shape, after.dtype, after.device) and bool(
+        torch.allclose(before, after, rtol=0, atol=0, equal_nan=True)
+    )
+
+
+def _copy(value):
+    return value.clone() if isinstance(value, torch.Tensor) else value
+
+
+class StepEndCallback:
+    """A parent's `callback_on_step_end`, called after the solve for every step in order, as `pcr_denoise`'s
+    `step_end(i, t, latents)`: `callback(pipe, i, t, callback_kwargs)`, with the parent loop's `i` and `t` and, in
+    `callback_kwargs`, the tensors named in `tensor_inputs` as the parent has them after step i (`latents`: the
+    accepted state after step i; the others: the conditioning the steps read). Each step gets copies, so a callback
+    may keep them.
+
+    Parallel sampling solves all steps together, so a callback can only observe them. Where the parent would let it
+    steer the later steps, by returning (or changing in place) a tensor the parent reads back, or by changing an
+    attribute the pipeline had before the callbacks (`_guidance_scale`, `_interrupt`, ...; those a callback adds are
+    its own), this raises a `ValueError` at that step, after the fact: the steps were solved before any callback
+    ran.
+
+    Args:
+        pipe: the call's pipeline, passed to the callback as the parent passes itself.
+        callback: the `callback_on_step_end`: a function, `PipelineCallback` or `MultiPipelineCallbacks`.
+        tensor_inputs: the names of the tensors the callback gets (`callback_on_step_end_tensor_inputs`).
+        tensors: by name, every tensor of the parent's `_callback_tensor_inputs` but `latents`, as its loop holds
+            them (None where the parent's is None).
+    """
+
+    def __init__(self, pipe, callback: Callable, tensor_inputs: list[str], tensors: dict):
+        if missing := set(pipe._callback_tensor_inputs) - {"latents", *tensors}:
+            raise ValueError(f"`tensors` lacks {sorted(missing)} of {type(pipe).__name__}'s callback tensor inputs.")
+        self.pipe = pipe
+        self.callback = callback
+        self.tensor_inputs = list(tensor_inputs)
+        self.tensors = tensors
+        self.watched = [name for name in vars(pipe) if name not in _UNWATCHED]  # not those the callbacks add
+
+    def __call__(self, i: int, t: torch.Tensor, latents: torch.Tensor) -> None:
+        pipe = self.pipe
+        shown_timestep = "_current_timestep" in vars(pipe)  # the parents that have it (Flux, Wan) set it per step
+        if shown_timestep:
+            pipe._current_timestep = t
+        watched = {name: vars(pipe).get(name, _DELETED) for name in self.watched}
+        before = {name: _fingerprint(value) for name, value in watched.items()}
+        current = {"latents": latents, **self.tensors}
+        given = {name: _copy(current[name]) for name in self.tensor_inputs}
+        returned = self.callback(pipe, i, t, given)
+        if shown_timestep:
+            pipe._current_timestep = None  # as the parents leave it after their loop
+        if not isinstance(returned, dict):
+            raise TypeError(
+                f"`callback_on_step_end` must return the `callback_kwargs` dict, as in diffusers (whose pipelines pop "
+                f"values from it), got {type(returned).__name__} at step {i}."
+            )
+        for name, value in current.items():
+            seen = [returned[name]] if name in returned else []  # what the parent pops back
+            seen += [given[name]] if name in given else []  # changed in place, the parent would read it too
+            if not all(_same_tensor(value, other) for other in seen):
+                self.refuse(f"changed `{name}`", i, t)
+        for name, value in before.items():
+            now = vars(pipe).get(name, _DELETED)
+            if now is _DELETED or _fingerprint(now) != value:
+                change = "deleted it" if now is _DELETED else f"{watched[name]!r} -> {now!r}"
+                self.refuse(f"changed `pipe.{name}` ({change})", i, t)
+
+    def refuse(self, what: str, i: int, t) -> None:
+        ours = type(self.pipe).__name__
+        parent = parent_pipeline_class(type(self.pipe)).__name__
+        raise ValueError(
+            f"`callback_on_step_end` {what} at step {i} (timestep {float(t):g}): in {parent} that can steer the "
+            f"later steps (their latents, conditioning or guidance, or whether they run at all), but {ours} solves "
+            f"all steps together, so a callback can only observe them, never steer. The callbacks run after the "
+            f"solve, in step order, so this was found only after every step had been computed. Return "
+            f"`callback_kwargs` unchanged and leave the pipeline's attributes as they are, or use {parent} for a "
+            f"callback that steers (e.g. `SDCFGCutoffCallback`)."
+        )
+
+
 class PCRTextToImageMixin(PCRPipelineMixin):
     """Parallel-in-time denoising for a diffusers text-to-image pipeline; see the module docstring."""
 
@@ -129,6 +231,19 @@ class PCRTextToImageMixin(PCRPipelineMixin):
                     f"{UNSUPPORTED.get(name, f'it is not an argument of {parent}')}. Leave it unset, or use {parent}."
                 )
         return num_inference_steps
+
+    @staticmethod
+    def step_end_tensor_inputs(callback, tensor_inputs: list[str]) -> list[str]:
+        """The tensors a `callback_on_step_end` gets, as the parents choose them: a `PipelineCallback`'s or
+        `MultiPipelineCallbacks`' own `tensor_inputs`, else `callback_on_step_end_tensor_inputs`."""
+        if isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            return callback.tensor_inputs
+        return tensor_inputs
+
+    def step_end_callback(self, callback, tensor_inputs: list[str], **tensors) -> StepEndCallback | None:
+        """`StepEndCallback` for `pcr_denoise`'s `step_end`, or None without a callback. `tensors`: the parent
+        loop's tensors that a callback may read, but `latents`."""
+        return None if callback is None else StepEndCallback(self, callback, tensor_inputs, tensors)
 
     def effective_batch_size(self, prompt, prompt_embeds, num_images_per_prompt: int, generator) -> int:
         """The parent's batch of latents (prompts x images per prompt); checks the generators against it now, where
@@ -190,10 +305,10 @@ class PCRTextToImageMixin(PCRPipelineMixin):
 
     def sd_prompt_embeds(
         self, prompt, negative_prompt, num_images_per_prompt, prompt_embeds=None, negative_prompt_embeds=None
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The Stable Diffusion parents' `encode_prompt` (under `TEXT_ENCODING_LOCK`) with their LoRA scale and
         `clip_skip`: `(2B, S, D)` with the negative embeddings first under guidance, as the sequential loop batches
-        them, else `(B, S, D)`."""
+        them, else `(B, S, D)`; and the negative embeddings as the parent's loop holds them (for its callbacks)."""
         with TEXT_ENCODING_LOCK:
             prompt_embeds, negative_prompt_embeds = self.encode_prompt(
                 prompt,
@@ -207,8 +322,8 @@ class PCRTextToImageMixin(PCRPipelineMixin):
                 clip_skip=self.clip_skip,
             )
         if self.do_classifier_free_guidance:
-            return torch.cat([negative_prompt_embeds, prompt_embeds])
-        return prompt_embeds
+            return torch.cat([negative_prompt_embeds, prompt_embeds]), negative_prompt_embeds
+        return prompt_embeds, negative_prompt_embeds
 
     def unet_step_inputs(self, scheduler, latents, generator, eta, batch_size, steps: range | None = None):
         """For UNet pipelines: the parent's scheduler-step kwargs without the generator, the noise of the steps
@@ -281,11 +396,20 @@ class PCRTextToImageMixin(PCRPipelineMixin):
         step_kwargs: dict | None = None,
         steps: range | None = None,
         after_step: Callable | None = None,
+        step_end: StepEndCallback | None = None,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """`pcr_denoise` with `GuidedModel(model, conditioning, ...)` as the model; guidance as
         `self.do_classifier_free_guidance` and `self.guidance_scale` say."""
         guidance_scale = self.guidance_scale if self.do_classifier_free_guidance else None
         model_fn = GuidedModel(model, conditioning, latents.shape[0], guidance_scale, guidance_rescale)
         return self.pcr_denoise(
-            model_fn, scheduler, latents, noise, options, step_kwargs=step_kwargs, steps=steps, after_step=after_step
+            model_fn,
+            scheduler,
+            latents,
+            noise,
+            options,
+            step_kwargs=step_kwargs,
+            steps=steps,
+            after_step=after_step,
+            step_end=step_end,
         )

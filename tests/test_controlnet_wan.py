@@ -283,7 +283,7 @@ def test_twins_keep_the_parent_call_arguments_then_add_ours(parent, twin):
 BAD_INPUT = [
     ({"num_inference_steps": 0}, "num_inference_steps"),
     ({"parallel": 0}, "parallel"),
-    ({"callback_on_step_end": lambda *args: {}}, "callback_on_step_end"),
+    ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),  # the parent's
     ({"prompt": PROMPTS, "generator": [torch.Generator()]}, "generators"),
 ]
 CONTROLNET_BAD_INPUT = [

@@ -14,6 +14,8 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
+    FluxTransformer2DModel,
+    MagCacheConfig,
     UniPCMultistepScheduler,
 )
 from test_text_to_image import BAD_INPUT as TEXT_TO_IMAGE_BAD_INPUT
@@ -224,3 +226,15 @@ def test_negative_prompts_of_another_batch_fail_before_the_transformer(request, 
     monkeypatch.setattr(pcr.transformer, "forward", lambda *args, **kwargs: pytest.fail("transformer called"))
     with pytest.raises(ValueError, match="one negative prompt, or one per prompt"):
         pcr(**seeded(BASE), negative_prompt=["a", "b", "c"], true_cfg_scale=2.0)
+
+
+def test_a_step_cache_on_the_transformer_fails_before_any_model_call(request, monkeypatch):
+    """As PCRWanPipeline: a cache reuses the previous step's activations, which parallel sampling evaluates out of
+    order. A MagCache (diffusers' test_mag_cache_inference) used to run silently, 1.6e-2 away from the parent."""
+    components = dict(request.getfixturevalue("tiny_flux_components"))
+    transformer = FluxTransformer2DModel.from_config(components["transformer"].config)  # the cache hooks stay on it
+    transformer.enable_cache(MagCacheConfig(num_inference_steps=STEPS, mag_ratios=torch.ones(STEPS)))
+    pcr = pcr_pipeline(FluxPipeline(**{**components, "transformer": transformer}))
+    forbid_model_calls(pcr, monkeypatch)
+    with pytest.raises(ValueError, match="step cache"):
+        pcr(**seeded(BASE))

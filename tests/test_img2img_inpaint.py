@@ -249,7 +249,7 @@ BAD_INPUT = [
     ({"strength": 0.05}, "leave no denoising step"),  # int(10 * 0.05) = 0 steps
     ({"parallel": 0}, "parallel"),
     ({"tolerance": 0.0}, "tolerance"),
-    ({"callback_on_step_end": lambda *args: {}}, "callback_on_step_end"),
+    ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),  # the parent's
     ({"ip_adapter_image_embeds": [torch.zeros(2, 1, 8)]}, "ip_adapter_image_embeds"),
     ({"generator": [torch.Generator()]}, "generators"),
     ({"scheduler": "heun"}, "HeunDiscreteScheduler"),
@@ -276,3 +276,16 @@ def test_bad_input_fails_before_any_model_call(request, monkeypatch, name, kwarg
     forbid_model_calls(twin, monkeypatch)
     with pytest.raises(ValueError, match=match):
         twin(**{**seeded(inputs(name, strength=0.8)), **kwargs})
+
+
+@pytest.mark.parametrize("name", ["inpaint-4", "inpaint-9"])
+def test_inpainting_refuses_a_strength_that_keeps_no_step_as_the_parent(request, monkeypatch, name):
+    """int(10 * 0.05) = 0 steps: the inpainting parent raises, also with PNDM, whose schedule has one more timestep
+    than steps and so keeps one to run (found by diffusers' test_stable_diffusion_inpaint_strength_zero_test)."""
+    parent, twin = pipelines(request, name, "pndm")
+    kwargs = inputs(name, strength=0.05)
+    with pytest.raises(ValueError, match="number of pipeline"):
+        parent(**seeded(kwargs))
+    forbid_model_calls(twin, monkeypatch)
+    with pytest.raises(ValueError, match="number of pipeline"):
+        twin(**seeded(kwargs))

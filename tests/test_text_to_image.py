@@ -354,7 +354,7 @@ BAD_INPUT = [
     ({"tolerance": 0.0}, "tolerance"),
     ({"jacobian": "newton"}, "jacobian"),
     ({"max_rounds": 0}, "max_rounds"),
-    ({"callback_on_step_end": lambda *args: {}}, "callback_on_step_end"),
+    ({"callback_on_step_end_tensor_inputs": ["noise_pred"]}, "callback_on_step_end_tensor_inputs"),  # the parent's
     ({"ip_adapter_image_embeds": [torch.zeros(2, 1, 8)]}, "ip_adapter_image_embeds"),
     ({"prompt": None}, "prompt_embeds"),  # the parent's check_inputs
     ({"height": 15, "width": 16}, "divisible by"),  # the parent's check_inputs

@@ -151,8 +151,10 @@ class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionC
             prompt ... callback_on_step_end_tensor_inputs: as in `StableDiffusionControlNetPipeline`
                 (`num_inference_steps` may be None with custom `timesteps` or `sigmas`).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
-                supported (a clear error), as per-step callbacks have no place when the steps are solved together.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
 
         Returns:
             `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -165,7 +167,6 @@ class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionC
             timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
         controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
@@ -175,6 +176,9 @@ class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionC
                 f"ControlNets are not implemented. Use StableDiffusionControlNetPipeline."
             )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         # the parent's alignment of the control guidance window, for one ControlNet
         if not isinstance(control_guidance_start, list):
             n = len(control_guidance_end) if isinstance(control_guidance_end, list) else 1
@@ -244,7 +248,7 @@ class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionC
         n, start, end = len(scheduler.timesteps), control_guidance_start[0], control_guidance_end[0]
         keep = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
 
-        # 4. Denoise: one ControlNet and one UNet call per round cover window x 2 x batch
+        # 4. Denoise: one ControlNet and one UNet call per round cover window x 2 x batch; then the callbacks
         model = ControlledUNet(
             self.unet,
             self.controlnet,
@@ -260,8 +264,15 @@ class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionC
             "controlnet_cond": image,
             "controlnet_hidden_states": controlnet_prompt_embeds,
         }
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            image=image,
+        )
         latents, stats = self.guided_denoise(
-            model, conditioning, scheduler, latents, noise, options, step_kwargs=step_kwargs
+            model, conditioning, scheduler, latents, noise, options, step_kwargs=step_kwargs, step_end=step_end
         )
 
         # 5. Decode, check safety and post-process, as the parent does

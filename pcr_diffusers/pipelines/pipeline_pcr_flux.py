@@ -82,8 +82,12 @@ class PCRFluxPipeline(PCRTextToImageMixin, FluxPipeline):
             prompt ... max_sequence_length: as in `FluxPipeline` (`output_type` one of `"pil"`, `"np"`, `"pt"`,
                 `"latent"`; `"latent"` returns the packed latents `(B, seq, C)`, as the parent does).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds,
-                callback_on_step_end: not supported (a clear error).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent (which, unlike the others,
+                does not take a `PipelineCallback`'s `tensor_inputs`), but called after the solve, in step order,
+                with each step's accepted latents: a callback can only observe (`StepEndCallback`; one that would
+                steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, negative_ip_adapter_image, negative_ip_adapter_image_embeds:
+                not supported (a clear error).
 
         Returns:
             `FluxPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple `(images,)`;
@@ -98,8 +102,13 @@ class PCRFluxPipeline(PCRTextToImageMixin, FluxPipeline):
             ip_adapter_image_embeds=ip_adapter_image_embeds,
             negative_ip_adapter_image=negative_ip_adapter_image,
             negative_ip_adapter_image_embeds=negative_ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
         )
+        if getattr(self.transformer, "is_cache_enabled", False):  # as PCRWanPipeline: a MagCache ran silently, off
+            raise ValueError(
+                f"{type(self).__name__} does not support the transformer's step cache: it reuses the previous step's "
+                f"activations, and parallel sampling evaluates the steps out of order. Call "
+                f"`pipe.transformer.disable_cache()`, or use FluxPipeline."
+            )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -185,7 +194,10 @@ class PCRFluxPipeline(PCRTextToImageMixin, FluxPipeline):
         # the parent's scheduler step gets no generator: its stochastic steps draw from the global RNG
         noise = scheduler.draw_noise(latents.shape, None, latents.device, latents.dtype)
 
-        # 4. Denoise: one transformer call per round covers window x (2 with true CFG) x batch
+        # 4. Denoise: one transformer call per round covers window x (2 with true CFG) x batch; then the callbacks
+        step_end = self.step_end_callback(
+            callback_on_step_end, callback_on_step_end_tensor_inputs, prompt_embeds=prompt_embeds
+        )  # the parent's `prompt_embeds` are the prompt's alone
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32)
@@ -207,7 +219,7 @@ class PCRFluxPipeline(PCRTextToImageMixin, FluxPipeline):
             true_cfg_scale if do_true_cfg else None,
             shared=("txt_ids", "img_ids"),
         )
-        latents, stats = self.pcr_denoise(model, scheduler, latents, noise, options)
+        latents, stats = self.pcr_denoise(model, scheduler, latents, noise, options, step_end=step_end)
 
         # 5. Decode and post-process, as the parent does
         image = latents

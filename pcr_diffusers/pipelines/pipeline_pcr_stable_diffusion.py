@@ -66,8 +66,10 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             clip_skip: as in `StableDiffusionPipeline` (`num_inference_steps` may be None with custom `timesteps` or
             `sigmas`).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
-                supported (a clear error), as per-step callbacks have no place when the steps are solved together.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
 
         Returns:
             `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -80,10 +82,12 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         if not height or not width:
             sample_size = self.unet.config.sample_size
             height, width = (sample_size, sample_size) if self._is_unet_config_sample_size_int else sample_size
@@ -129,8 +133,14 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
         )
         step_kwargs, noise, timestep_cond = self.unet_step_inputs(scheduler, latents, generator, eta, batch_size)
 
-        # 4. Denoise: one UNet call per round covers window x 2 x batch
+        # 4. Denoise: one UNet call per round covers window x 2 x batch; then the callbacks, step by step
         conditioning = {"encoder_hidden_states": prompt_embeds, "timestep_cond": timestep_cond}
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
         latents, stats = self.guided_denoise(
             self.unet_model,
             conditioning,
@@ -140,6 +150,7 @@ class PCRStableDiffusionPipeline(PCRTextToImageMixin, StableDiffusionPipeline):
             options,
             guidance_rescale=guidance_rescale,
             step_kwargs=step_kwargs,
+            step_end=step_end,
         )
 
         # 5. Decode, check safety and post-process, as the parent does

@@ -73,8 +73,11 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
             prompt ... max_sequence_length, mu: as in `StableDiffusion3Pipeline` (`output_type` one of `"pil"`,
                 `"np"`, `"pt"`, `"latent"`).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, skip_guidance_layers: not supported
-                (a clear error); the other skip-layer arguments only apply with `skip_guidance_layers`.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, skip_guidance_layers: not supported (a clear error); the
+                other skip-layer arguments only apply with `skip_guidance_layers`.
 
         Returns:
             `StableDiffusion3PipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -87,10 +90,12 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
             sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             skip_guidance_layers=skip_guidance_layers,
         )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         self.check_inputs(
@@ -168,9 +173,17 @@ class PCRStableDiffusion3Pipeline(PCRTextToImageMixin, StableDiffusion3Pipeline)
         # the parent's scheduler step gets no generator: its stochastic steps draw from the global RNG
         noise = scheduler.draw_noise(latents.shape, None, latents.device, latents.dtype)
 
-        # 4. Denoise: one transformer call per round covers window x 2 x batch
+        # 4. Denoise: one transformer call per round covers window x 2 x batch; then the callbacks, step by step
         conditioning = {"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds}
-        latents, stats = self.guided_denoise(self._transformer_model, conditioning, scheduler, latents, noise, options)
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+        )
+        latents, stats = self.guided_denoise(
+            self._transformer_model, conditioning, scheduler, latents, noise, options, step_end=step_end
+        )
 
         # 5. Decode and post-process, as the parent does
         image = latents

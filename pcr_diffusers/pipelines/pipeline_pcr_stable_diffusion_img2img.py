@@ -65,8 +65,10 @@ class PCRStableDiffusionImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionImg2
             `StableDiffusionImg2ImgPipeline` (`num_inference_steps` may be None with custom `timesteps` or
             `sigmas`). A `strength` that keeps no step is an error.
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
-                supported (a clear error), as per-step callbacks have no place when the steps are solved together.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
 
         Returns:
             `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -79,10 +81,12 @@ class PCRStableDiffusionImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionImg2
             timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt,
             strength,
@@ -103,7 +107,7 @@ class PCRStableDiffusionImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionImg2
         scheduler, steps = self.pcr_image_to_image_timesteps(num_inference_steps, strength, timesteps, sigmas)
 
         # 3. Encode the prompt: negative embeddings first, as the sequential loop batches them
-        prompt_embeds = self.sd_prompt_embeds(
+        prompt_embeds, negative_prompt_embeds = self.sd_prompt_embeds(
             prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds
         )
 
@@ -116,10 +120,24 @@ class PCRStableDiffusionImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionImg2
             scheduler, latents, generator, eta, batch_size, steps
         )
 
-        # 5. Denoise: one UNet call per round covers window x 2 x batch
+        # 5. Denoise: one UNet call per round covers window x 2 x batch; then the callbacks, step by step
         conditioning = {"encoder_hidden_states": prompt_embeds, "timestep_cond": timestep_cond}
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
         latents, stats = self.guided_denoise(
-            self.unet_model, conditioning, scheduler, latents, noise, options, step_kwargs=step_kwargs, steps=steps
+            self.unet_model,
+            conditioning,
+            scheduler,
+            latents,
+            noise,
+            options,
+            step_kwargs=step_kwargs,
+            steps=steps,
+            step_end=step_end,
         )
 
         # 6. Decode, check safety and post-process, as the parent does

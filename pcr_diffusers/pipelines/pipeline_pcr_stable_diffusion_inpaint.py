@@ -104,8 +104,10 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
             `"latent"`), return_dict, cross_attention_kwargs, clip_skip: as in `StableDiffusionInpaintPipeline`
             (`num_inference_steps` may be None with custom `timesteps` or `sigmas`).
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
-                supported (a clear error), as per-step callbacks have no place when the steps are solved together.
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
 
         Returns:
             `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -118,10 +120,12 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
             timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         self.check_inputs(
@@ -153,9 +157,17 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
 
         # 2. Timesteps: the last steps of the schedule, as `strength` keeps them (no model call yet)
         scheduler, steps = self.pcr_image_to_image_timesteps(num_inference_steps, strength, timesteps, sigmas)
+        # The parent refuses `strength` keeping none of `num_inference_steps`, even where a timestep is left to run
+        # (PNDM's schedule has one more timestep than steps): its `get_timesteps` count, not the timesteps kept.
+        requested = num_inference_steps if timesteps is None and sigmas is None else len(scheduler.timesteps)
+        if min(int(requested * strength), requested) < 1:
+            raise ValueError(
+                f"After adjusting the num_inference_steps by strength parameter: {strength}, the number of pipeline "
+                "steps is 0 which is < 1 and not appropriate for this pipeline."
+            )
 
         # 3. Encode the prompt: negative embeddings first, as the sequential loop batches them
-        prompt_embeds = self.sd_prompt_embeds(
+        prompt_embeds, negative_prompt_embeds = self.sd_prompt_embeds(
             prompt, negative_prompt, num_images_per_prompt, prompt_embeds, negative_prompt_embeds
         )
 
@@ -212,7 +224,8 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
         )
 
         # 5. Denoise: one UNet call per round covers window x 2 x batch; a 4-channel UNet's step puts the known
-        #    region back, a 9-channel UNet reads the mask and the masked image beside the latents
+        #    region back, a 9-channel UNet reads the mask and the masked image beside the latents; then the
+        #    callbacks, step by step
         conditioning = {"encoder_hidden_states": prompt_embeds, "timestep_cond": timestep_cond}
         model, after_step = self.unet_model, None
         if num_channels_unet == 4:
@@ -221,6 +234,14 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
         else:
             model = self.unet_inpaint_model
             conditioning.update(mask=mask, masked_image_latents=masked_image_latents)
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            mask=mask,
+            masked_image_latents=masked_image_latents,
+        )
         latents, stats = self.guided_denoise(
             model,
             conditioning,
@@ -231,6 +252,7 @@ class PCRStableDiffusionInpaintPipeline(PCRTextToImageMixin, StableDiffusionInpa
             step_kwargs=step_kwargs,
             steps=steps,
             after_step=after_step,
+            step_end=step_end,
         )
 
         # 6. Decode, check safety and post-process, as the parent does

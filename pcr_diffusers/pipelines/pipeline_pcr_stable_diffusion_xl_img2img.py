@@ -84,8 +84,10 @@ class PCRStableDiffusionXLImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionXL
                 (`output_type` one of `"pil"`, `"np"`, `"pt"`, `"latent"`). Steps that leave nothing to run
                 (`strength`, `denoising_start`, `denoising_end`) are an error.
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            ip_adapter_image, ip_adapter_image_embeds, callback_on_step_end, callback, callback_steps: not
-                supported (a clear error).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
+            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
 
         Returns:
             `StableDiffusionXLPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
@@ -98,10 +100,12 @@ class PCRStableDiffusionXLImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionXL
             timesteps is not None or sigmas is not None,
             ip_adapter_image=ip_adapter_image,
             ip_adapter_image_embeds=ip_adapter_image_embeds,
-            callback_on_step_end=callback_on_step_end,
             **kwargs,
         )
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt,
             prompt_2,
@@ -213,7 +217,14 @@ class PCRStableDiffusionXLImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionXL
             "added_cond_kwargs": {"text_embeds": add_text_embeds.to(device), "time_ids": add_time_ids.to(device)},
         }
 
-        # 6. Denoise: one UNet call per round covers window x 2 x batch
+        # 6. Denoise: one UNet call per round covers window x 2 x batch; then the callbacks, step by step
+        step_end = self.step_end_callback(
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=conditioning["encoder_hidden_states"],
+            add_text_embeds=conditioning["added_cond_kwargs"]["text_embeds"],
+            add_time_ids=conditioning["added_cond_kwargs"]["time_ids"],
+        )
         latents, stats = self.guided_denoise(
             self.unet_model,
             conditioning,
@@ -224,6 +235,7 @@ class PCRStableDiffusionXLImg2ImgPipeline(PCRTextToImageMixin, StableDiffusionXL
             guidance_rescale=guidance_rescale,
             step_kwargs=step_kwargs,
             steps=steps,
+            step_end=step_end,
         )
 
         # 7. Decode (upcasting a float16 VAE that asks for it) and post-process, as the parent does

@@ -27,7 +27,7 @@ class PCRWanPipeline(PCRTextToImageMixin, WanPipeline):
     prompt); here one call per round covers window x 2 x batch rows, negative first. The parent's latents are
     float32 while the transformer runs in its own dtype; the solver's states are float32, or float64 for a float64
     transformer. Not supported (clear errors): two-stage Wan 2.2 denoising (`boundary_ratio`, `transformer_2`), the
-    transformer's step caches (`enable_cache`: they reuse the previous step's activations) and per-step callbacks.
+    transformer's step caches (`enable_cache`: they reuse the previous step's activations).
     """
 
     @torch.no_grad()
@@ -65,7 +65,9 @@ class PCRWanPipeline(PCRTextToImageMixin, WanPipeline):
             prompt ... max_sequence_length: as in `WanPipeline` (`output_type` one of `"np"`, `"pt"`, `"pil"`,
                 `"latent"`); `guidance_scale_2` only with `boundary_ratio`, which is not supported.
             parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            callback_on_step_end: not supported (a clear error).
+            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
+                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
+                one that would steer the parent's later steps is an error).
 
         Returns:
             `WanPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple `(frames,)`;
@@ -73,11 +75,12 @@ class PCRWanPipeline(PCRTextToImageMixin, WanPipeline):
         """
         # 1. Check inputs, before any model call; the call runs on its own copy of the pipeline and scheduler
         options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
-        num_inference_steps = self.check_text_to_image_inputs(
-            num_inference_steps, False, callback_on_step_end=callback_on_step_end
-        )
+        num_inference_steps = self.check_text_to_image_inputs(num_inference_steps, False)
         self.check_single_transformer()
         self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
+        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
+            callback_on_step_end, callback_on_step_end_tensor_inputs
+        )
         self.check_inputs(
             prompt,
             negative_prompt,
@@ -129,8 +132,16 @@ class PCRWanPipeline(PCRTextToImageMixin, WanPipeline):
             )
         transformer_dtype = self.transformer.dtype
         prompt_embeds = prompt_embeds.to(transformer_dtype)
+        if negative_prompt_embeds is not None:
+            negative_prompt_embeds = negative_prompt_embeds.to(transformer_dtype)
+        step_end = self.step_end_callback(  # the parent's embeddings, before we batch them
+            callback_on_step_end,
+            callback_on_step_end_tensor_inputs,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+        )
         if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds.to(transformer_dtype), prompt_embeds])
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
 
         # 3. Timesteps, initial latents `(B, C, F, H, W)` (float32, as the parent draws them) and every step's noise
         scheduler = self.pcr_timesteps(num_inference_steps)
@@ -152,9 +163,11 @@ class PCRWanPipeline(PCRTextToImageMixin, WanPipeline):
         # float32; a half-precision transformer's inputs are cast in `_transformer_model`, as the parent casts them.
         latents = latents.to(torch.promote_types(latents.dtype, transformer_dtype))
 
-        # 4. Denoise: one transformer call per round covers window x 2 x batch
+        # 4. Denoise: one transformer call per round covers window x 2 x batch; then the callbacks, step by step
         conditioning = {"encoder_hidden_states": prompt_embeds}
-        latents, stats = self.guided_denoise(self._transformer_model, conditioning, scheduler, latents, noise, options)
+        latents, stats = self.guided_denoise(
+            self._transformer_model, conditioning, scheduler, latents, noise, options, step_end=step_end
+        )
 
         # 5. Decode and post-process, as the parent does
         video = latents
