@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from diffusers import DEISMultistepScheduler
 
-from .scheduling_pcr import PCRSchedulerMixin, StepHistory
+from .scheduling_pcr import PCRAlphaSigmaSchedulerMixin, StepHistory
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 COEFFICIENTS = ("first", "a", "b", "alpha_t", "alpha_s0", "c1", "c2", "c3")
@@ -15,7 +15,7 @@ def _log(value: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(np.log(value.numpy()))
 
 
-class PCRDEISMultistepScheduler(PCRSchedulerMixin, DEISMultistepScheduler):
+class PCRDEISMultistepScheduler(PCRAlphaSigmaSchedulerMixin, DEISMultistepScheduler):
     """DEIS multistep with `batch_step`; everything else is `DEISMultistepScheduler`'s.
 
     A step reads the noise predictions `eps` (the model output converted to x0, thresholded, and back) of the steps
@@ -118,26 +118,6 @@ class PCRDEISMultistepScheduler(PCRSchedulerMixin, DEISMultistepScheduler):
             x0 = self._threshold_sample(x0.flatten(0, 1)).reshape(x0.shape)
         sigma = c["sigma_raw"] if self.config.prediction_type == "flow_prediction" else c["sigma"]
         return (sample - c["alpha"] * x0) / sigma
-
-    def _to_x0(self, model_output, sample, c):
-        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
-        if prediction == "epsilon":
-            return (sample - sigma * model_output) / alpha
-        if prediction == "sample":
-            return model_output
-        if prediction == "v_prediction":
-            return alpha * sample - sigma * model_output
-        return sample - c["sigma_raw"] * model_output
-
-    def _from_x0(self, x0, sample, c):
-        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
-        if prediction == "epsilon":
-            return (sample - alpha * x0) / sigma
-        if prediction == "sample":
-            return x0
-        if prediction == "v_prediction":
-            return (alpha * sample - x0) / sigma
-        return (sample - x0) / c["sigma_raw"]
 
     def batch_step(self, model_output, indices, sample, noise=None, *, history: StepHistory | None = None, start=0):
         """`DEISMultistepScheduler.step` for the positions `indices` of a chain that starts at `start`.

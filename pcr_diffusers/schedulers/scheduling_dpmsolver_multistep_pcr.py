@@ -3,14 +3,14 @@
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
-from .scheduling_pcr import PCRSchedulerMixin, StepHistory
+from .scheduling_pcr import PCRAlphaSigmaSchedulerMixin, StepHistory
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 COEFFICIENTS = ("a", "b0", "b1", "b2", "q0", "q1", "w", "v", "noise")
 
 
-class PCRDPMSolverMultistepScheduler(PCRSchedulerMixin, DPMSolverMultistepScheduler):
+class PCRDPMSolverMultistepScheduler(PCRAlphaSigmaSchedulerMixin, DPMSolverMultistepScheduler):
     """DPM-Solver(++) multistep with `batch_step`; everything else is `DPMSolverMultistepScheduler`'s.
 
     A step of order `p` reads the converted model outputs `D` (x0 for the `++` algorithms, eps otherwise) of the
@@ -168,25 +168,9 @@ class PCRDPMSolverMultistepScheduler(PCRSchedulerMixin, DPMSolverMultistepSchedu
     def _to_x0(self, model_output, sample, c):
         prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
         if self.config.algorithm_type.endswith("++") or prediction in ("sample", "flow_prediction"):
-            if prediction == "epsilon":
-                return (sample - sigma * model_output) / alpha
-            if prediction == "sample":
-                return model_output
-            if prediction == "v_prediction":
-                return alpha * sample - sigma * model_output
-            return sample - c["sigma_raw"] * model_output
+            return super()._to_x0(model_output, sample, c)
         eps = model_output if prediction == "epsilon" else alpha * model_output + sigma * sample
         return (sample - sigma * eps) / alpha
-
-    def _from_x0(self, x0, sample, c):
-        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
-        if prediction == "epsilon":
-            return (sample - alpha * x0) / sigma
-        if prediction == "sample":
-            return x0
-        if prediction == "v_prediction":
-            return (alpha * sample - x0) / sigma
-        return (sample - x0) / c["sigma_raw"]
 
     def batch_step(self, model_output, indices, sample, noise=None, *, history: StepHistory | None = None, start=0):
         """`DPMSolverMultistepScheduler.step` for the positions `indices` of a chain that starts at `start`.

@@ -238,3 +238,28 @@ class PCRSchedulerMixin:
             f"{type(self).__name__}'s batched step supports {option} in {tuple(allowed)}, got {value!r}; "
             "parallel sampling cannot reproduce this scheduler exactly."
         )
+
+
+class PCRAlphaSigmaSchedulerMixin(PCRSchedulerMixin):
+    """The model output's conversions for schedulers parametrised as `x = alpha * x0 + sigma * eps` (DPM-Solver++,
+    UniPC, DEIS): tables `"alpha"` and `"sigma"`, and `"sigma_raw"`, the flow-matching sigma."""
+
+    def _to_x0(self, model_output, sample, c):
+        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
+        if prediction == "epsilon":
+            return (sample - sigma * model_output) / alpha
+        if prediction == "sample":
+            return model_output
+        if prediction == "v_prediction":
+            return alpha * sample - sigma * model_output
+        return sample - c["sigma_raw"] * model_output
+
+    def _from_x0(self, x0, sample, c):
+        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
+        if prediction == "epsilon":
+            return (sample - alpha * x0) / sigma
+        if prediction == "sample":
+            return x0
+        if prediction == "v_prediction":
+            return (alpha * sample - x0) / sigma
+        return (sample - x0) / c["sigma_raw"]

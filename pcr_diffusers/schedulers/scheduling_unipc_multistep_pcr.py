@@ -4,12 +4,12 @@ steps."""
 import torch
 from diffusers import UniPCMultistepScheduler
 
-from .scheduling_pcr import PCRSchedulerMixin, StepHistory
+from .scheduling_pcr import PCRAlphaSigmaSchedulerMixin, StepHistory
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 
 
-class PCRUniPCMultistepScheduler(PCRSchedulerMixin, UniPCMultistepScheduler):
+class PCRUniPCMultistepScheduler(PCRAlphaSigmaSchedulerMixin, UniPCMultistepScheduler):
     """UniPC multistep with `batch_step`; everything else is `UniPCMultistepScheduler`'s.
 
     The base's `step` at chain step l reads the model output converted at its input `x_l` (`m_l`: x0 with
@@ -201,26 +201,6 @@ class PCRUniPCMultistepScheduler(PCRSchedulerMixin, UniPCMultistepScheduler):
 
     def _threshold(self, x0):
         return self._threshold_sample(x0.flatten(0, 1)).reshape(x0.shape)
-
-    def _to_x0(self, model_output, sample, c):
-        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
-        if prediction == "epsilon":
-            return (sample - sigma * model_output) / alpha
-        if prediction == "sample":
-            return model_output
-        if prediction == "v_prediction":
-            return alpha * sample - sigma * model_output
-        return sample - c["sigma_raw"] * model_output
-
-    def _from_x0(self, x0, sample, c):
-        prediction, alpha, sigma = self.config.prediction_type, c["alpha"], c["sigma"]
-        if prediction == "epsilon":
-            return (sample - alpha * x0) / sigma
-        if prediction == "sample":
-            return x0
-        if prediction == "v_prediction":
-            return (alpha * sample - x0) / sigma
-        return (sample - x0) / c["sigma_raw"]
 
     def batch_step(self, model_output, indices, sample, noise=None, *, history: StepHistory | None = None, start=0):
         """`UniPCMultistepScheduler.step` (corrector, then predictor) for the positions `indices` of a chain that
