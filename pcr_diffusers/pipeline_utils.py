@@ -79,11 +79,14 @@ class PCRPipelineMixin:
         caller = getattr(self, "_pcr_caller", self)
         for name, value in vars(self).items():  # what the parent leaves readable after a call (`num_timesteps`, ...)
             unchanged = name in vars(caller) and vars(caller)[name] is value  # a None the caller lacks is new too
-            if name not in ("scheduler", "_pcr_caller") and not unchanged:
+            per_call = ("scheduler", "_pcr_caller", "_pcr_per_call", *getattr(self, "_pcr_per_call", ()))
+            if name not in per_call and not unchanged:
                 object.__setattr__(caller, name, value)
         if not hasattr(_last_stats, "table"):
             _last_stats.table = weakref.WeakKeyDictionary()
         _last_stats.table[caller] = stats
+        if isinstance(output, tuple):  # the parent's own tuple
+            return output
         if not return_dict:
             return tuple(getattr(output, name) for name in output.__dataclass_fields__)
         output.stats = stats  # an attribute, not a field: the output unpacks and indexes like the parent's
@@ -136,16 +139,14 @@ class PCRPipelineMixin:
         step_kwargs: dict | None = None,
         steps: range | None = None,
         after_step: Callable | None = None,
-        step_end: Callable | None = None,
+        keep_states: bool = False,
     ) -> tuple[torch.Tensor, SamplingStats]:
         """The denoising loop: parallel over windows of `options.parallel` steps, or the plain loop for 1.
 
         `steps`: the positions of the schedule to run (default all); `after_step`: what a step does besides the
         scheduler's step (default nothing); see `DenoisingChain` for both.
-        `step_end`: called after the solve for every step in order, `step_end(i, t, latents)`, with the chain's step
-        index i (the parent loop's `i`), its timestep (on the latents' device) and the accepted latents after it
-        `(B, C, H, W)`, in the model's dtype (the parents' `callback_on_step_end`, see `StepEndCallback`). The
-        parallel solve holds all N states anyway; the plain loop then keeps them too (N latents of memory).
+        `keep_states`: return every step's accepted state `(N, B, C, H, W)`, in the solver's dtype, not the last
+        (the parallel solve holds them anyway; the plain loop then keeps them too, N latents of memory).
         Precision: a float16 or bfloat16 model runs in its dtype, but the solver's states, residuals and the
         scheduler's steps are float32 (and so are those of the sequential loop, `parallel=1`); the latents and noise
         are drawn in the model's dtype as the parent pipeline draws them, and the result is returned in it.
@@ -175,12 +176,10 @@ class PCRPipelineMixin:
                 latents.to(solver_dtype),
                 **options.as_kwargs(),
                 progress_bar=progress_bar,
-                keep_states=step_end is not None,
+                keep_states=keep_states,
             )
-        if step_end is not None:
-            states, latents = latents, latents[-1]  # (N, B, C, H, W), in the solver's dtype
-            for i, position in enumerate(chain.steps):
-                step_end(i, scheduler.timesteps[position].to(latents.device), states[i].to(model_dtype))
+        if keep_states:
+            return latents, stats
         return latents.to(model_dtype), stats
 
     def save_pretrained(self, save_directory, *args, **kwargs):

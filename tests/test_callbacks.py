@@ -262,9 +262,9 @@ def return_other_embeddings(pipe, i, t, callback_kwargs):  # not offered, but th
     return {**callback_kwargs, "prompt_embeds": torch.zeros(4, 16, 32, dtype=torch.float64)}
 
 
-def stop_guiding_at_step_2(pipe, i, t, callback_kwargs):
+def guide_less_at_step_2(pipe, i, t, callback_kwargs):
     if i == 2:
-        pipe._guidance_scale = 1.0
+        pipe._guidance_scale = 5.0
     return callback_kwargs
 
 
@@ -273,13 +273,12 @@ def interrupt(pipe, i, t, callback_kwargs):
     return callback_kwargs
 
 
-STEERING = {
-    "changed-latents": (halve_latents, "changed `latents` at step 0"),
-    "latents-changed-in-place": (halve_latents_in_place, "changed `latents` at step 0"),
-    "other-embeddings": (return_other_embeddings, "changed `prompt_embeds` at step 0"),
-    "guidance-scale": (stop_guiding_at_step_2, r"changed `pipe._guidance_scale` \(7.5 -> 1.0\) at step 2"),
-    "interrupt": (interrupt, r"changed `pipe._interrupt` \(False -> True\) at step 0"),
-    "cfg-cutoff": (SDCFGCutoffCallback(cutoff_step_ratio=0.4), "changed `prompt_embeds` at step 4"),
+STEERING = {  # found where the parent's loop passes the change on: the next step's latents, model call or scale
+    "changed-latents": (halve_latents, "At step 1, .* passes other latents"),
+    "latents-changed-in-place": (halve_latents_in_place, "At step 1, .* passes other latents"),
+    "other-embeddings": (return_other_embeddings, "At step 1, .* calls `unet` with other conditioning"),
+    "guidance-scale": (guide_less_at_step_2, "At step 3, .* has another `_guidance_scale`"),
+    "cfg-cutoff": (SDCFGCutoffCallback(cutoff_step_ratio=0.4), "At step 5, .* calls `unet` with other conditioning"),
 }
 
 
@@ -290,13 +289,32 @@ def test_a_callback_that_steers_is_an_error(request, callback, match, parallel):
     with pytest.raises(ValueError, match=match) as error:
         twin(**call("sd"), callback_on_step_end=callback, parallel=parallel)
     message = str(error.value)
-    assert "can only observe" in message and "StableDiffusionPipeline" in message and "after every step" in message
+    assert "can only observe" in message and "StableDiffusionPipeline" in message
 
 
-def test_a_callback_must_return_its_kwargs(request):
-    _, twin = pipelines(request, "sd")
-    with pytest.raises(TypeError, match="must return the `callback_kwargs` dict"):
-        twin(**call("sd"), callback_on_step_end=lambda pipe, i, t, callback_kwargs: None)
+def interrupt_after(step):
+    def interrupt(pipe, i, t, callback_kwargs):
+        pipe._interrupt = pipe._interrupt or i == step
+        return callback_kwargs
+
+    return interrupt
+
+
+def test_an_interrupt_stops_where_the_parent_stops(request):
+    """`pipe._interrupt` set by a callback: the parent's loop skips the later steps, and returns the latents of the
+    step where it stopped, here the accepted state of that step."""
+    parent, twin = pipelines(request, "sd")
+    expected = parent(**call("sd"), callback_on_step_end=interrupt_after(3)).images
+    out = twin(**call("sd"), tolerance=TOLERANCE, callback_on_step_end=interrupt_after(3))
+    assert (out.images - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert (out.images - twin(**call("sd"), tolerance=TOLERANCE).images).abs().max() > 1e-2  # it did stop early
+
+
+def test_a_callback_that_returns_nothing_fails_as_in_the_parent(request):
+    parent, twin = pipelines(request, "sd")
+    for pipe in (parent, twin):
+        with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'pop'"):
+            pipe(**call("sd"), callback_on_step_end=lambda pipe, i, t, callback_kwargs: None)
 
 
 @pytest.mark.parametrize("name", ["flux", "wan"])

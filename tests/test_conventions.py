@@ -24,6 +24,7 @@ from diffusers import (
 )
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
+from pcr_diffusers.parent_loop import PCRParentLoopMixin
 from pcr_diffusers.pipeline_utils import parent_pipeline_class
 from pcr_diffusers.pipelines import (
     PCRDDIMPipeline,
@@ -173,6 +174,25 @@ def test_concurrent_calls_return_what_single_calls_return(request):
             results = list(pool.map(together, cases))  # a thread's exception is raised here
         for result, expected in zip(results, alone, strict=True):
             assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("parent, twin", PIPELINES[2:], ids=lambda c: c.__name__)
+def test_text_to_image_twins_run_their_parents_call(parent, twin):
+    """The extension point: a twin states what differs and runs the parent's own `__call__` (no copy of it)."""
+    assert issubclass(twin, PCRParentLoopMixin)
+    assert twin.__call__.__code__ is PCRStableDiffusionPipeline.__call__.__code__  # the mixin's, made per class
+    assert twin.__call__.__doc__.startswith(f"`{parent.__name__}.__call__`")
+
+
+def test_a_call_leaves_the_pipeline_as_it_was(request):
+    """The stand-ins (denoisers, scheduler step, prompt encoding) belong to the call's copy, never to the pipeline."""
+    _, twin = sd_pipelines(request, "sd", EulerDiscreteScheduler)
+    before = dict(vars(twin))
+    twin("a cat", num_inference_steps=3, output_type="latent")
+    assert type(twin.unet).__name__ == "UNet2DConditionModel" and twin.unet is before["unet"]
+    assert twin.scheduler is before["scheduler"] and "step" not in vars(twin.scheduler)
+    assert "encode_prompt" not in vars(twin) and not any(name.startswith("_pcr") for name in vars(twin))
+    assert twin.num_timesteps == 3  # what the parent leaves readable after a call is copied back
 
 
 @pytest.mark.parametrize("parent_class, twin_class", PIPELINES[:2], ids=["ddpm", "ddim"])

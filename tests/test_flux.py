@@ -224,7 +224,7 @@ def test_bad_input_fails_before_any_model_call(request, monkeypatch, kwargs, mat
 def test_negative_prompts_of_another_batch_fail_before_the_transformer(request, monkeypatch):
     pcr = pcr_pipeline(parent_pipeline(request))
     monkeypatch.setattr(pcr.transformer, "forward", lambda *args, **kwargs: pytest.fail("transformer called"))
-    with pytest.raises(ValueError, match="one negative prompt, or one per prompt"):
+    with pytest.raises(ValueError, match="negative prompt in one batched call, so their .* same shape"):
         pcr(**seeded(BASE), negative_prompt=["a", "b", "c"], true_cfg_scale=2.0)
 
 

@@ -255,7 +255,7 @@ BAD_INPUT = [
     ({"scheduler": "heun"}, "HeunDiscreteScheduler"),
 ]
 BAD_INPUT_OF = {
-    "img2img": [({"callback": lambda *args: None, "callback_steps": 1}, "callback")],
+    "img2img": [({"callback_steps": 0}, "callback_steps")],
     "inpaint-4": [({"padding_mask_crop": 2}, "PIL image")],  # the parent's check_inputs
     "inpaint-9": [({"height": 15}, "divisible by")],
     "sdxl-img2img": [
@@ -286,6 +286,5 @@ def test_inpainting_refuses_a_strength_that_keeps_no_step_as_the_parent(request,
     kwargs = inputs(name, strength=0.05)
     with pytest.raises(ValueError, match="number of pipeline"):
         parent(**seeded(kwargs))
-    forbid_model_calls(twin, monkeypatch)
-    with pytest.raises(ValueError, match="number of pipeline"):
+    with pytest.raises(ValueError, match="number of pipeline"):  # the parent's own check, in our call
         twin(**seeded(kwargs))

@@ -363,7 +363,7 @@ BAD_INPUT = [
     ({"scheduler": HeunDiscreteScheduler}, "HeunDiscreteScheduler"),
 ]
 BAD_INPUT_OF = {
-    "sd": [({"callback": lambda *args: None, "callback_steps": 1}, "callback"), ({"guidence_scale": 3}, "guidence")],
+    "sd": [({"callback_steps": 0}, "callback_steps"), ({"guidence_scale": 3}, "guidence")],
     "sdxl": [({"prompt_2": 5}, "prompt_2"), ({"guidence_scale": 3}, "guidence")],
     "sd3": [({"skip_guidance_layers": [0]}, "skip_guidance_layers"), ({"max_sequence_length": 600}, "512")],
 }
@@ -381,6 +381,20 @@ def test_bad_input_fails_before_any_model_call(request, monkeypatch, name, kwarg
     forbid_model_calls(pcr, monkeypatch)
     with pytest.raises(ValueError, match=match):
         pcr(**{"prompt": "a cat", "num_inference_steps": STEPS, **kwargs})
+
+
+def test_the_legacy_callback_sees_the_accepted_latents(request):
+    """The parent's deprecated `callback(step, t, latents)`, run by the parent's own loop after the solve."""
+    pipe = parent_pipeline(request, "sd")
+    kwargs = dict(prompt="a cat", num_inference_steps=STEPS, output_type="latent", callback_steps=2)
+    seen = {"parent": [], "ours": []}
+    for name, call in (("parent", pipe), ("ours", pcr_pipeline("sd", pipe))):
+        record = lambda i, t, latents, seen=seen[name]: seen.append((i, int(t), latents.clone()))  # noqa: E731
+        extra = {} if name == "parent" else {"parallel": 4, "tolerance": TOLERANCE}
+        call(**seeded(kwargs), callback=record, **extra)
+    assert [(i, t) for i, t, _ in seen["ours"]] == [(i, t) for i, t, _ in seen["parent"]] and len(seen["ours"]) > 1
+    for (_, _, ours), (_, _, theirs) in zip(seen["ours"], seen["parent"], strict=True):
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
 
 
 def test_guidance_embedding_unets_get_a_row_per_model_row(request):

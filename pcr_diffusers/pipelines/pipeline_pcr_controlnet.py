@@ -5,15 +5,11 @@ A diffusers community pipeline: use it as `PCRStableDiffusionControlNetPipeline.
 `DiffusionPipeline.from_pretrained(local_dir, custom_pipeline="path/to/pipeline_pcr_controlnet.py")`.
 """
 
-from typing import Any
-
 import torch
 from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.utils.torch_utils import is_compiled_module
 
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, ParallelOptions
-from pcr_diffusers.text_to_image import TEXT_ENCODING_LOCK, PCRTextToImageMixin
+from pcr_diffusers.parent_loop import STEP_INPUTS, PCRParentLoopMixin
 
 
 class ControlledUNet:
@@ -36,7 +32,8 @@ class ControlledUNet:
         guess_mode: the ControlNet's `guess_mode`.
         conditional_rows: under guess mode and guidance, `B` (the ControlNet sees the second `B` of each step's
             `2B` rows); else None (it sees every row).
-        cross_attention_kwargs: the UNet's, as the parent passes them.
+    Called `(x, t, positions, controlnet_cond=..., controlnet_hidden_states=..., **unet_conditioning)`: the
+    ControlNet's image and prompt embeddings, and the UNet's conditioning of the parent's call.
     """
 
     takes_positions = True
@@ -49,7 +46,6 @@ class ControlledUNet:
         conditioning_scale: float,
         guess_mode: bool,
         conditional_rows: int | None,
-        cross_attention_kwargs: dict | None,
     ):
         self.unet = unet
         self.controlnet = controlnet
@@ -57,11 +53,8 @@ class ControlledUNet:
         self.conditioning_scale = conditioning_scale
         self.guess_mode = guess_mode
         self.conditional_rows = conditional_rows
-        self.cross_attention_kwargs = cross_attention_kwargs
 
-    def __call__(
-        self, x, t, positions, *, encoder_hidden_states, controlnet_cond, controlnet_hidden_states, timestep_cond
-    ):
+    def __call__(self, x, t, positions, *, controlnet_cond, controlnet_hidden_states, **unet_conditioning):
         rows = self.conditional_rows
         control_x, control_t, control_positions = x, t, positions  # (n * 2B, C, H, W), (n * 2B,), (n * 2B,)
         if rows is not None:  # each step's rows are [uncond B; cond B]: the second half, (n * B, ...)
@@ -87,195 +80,72 @@ class ControlledUNet:
         return self.unet(
             x,
             t,
-            encoder_hidden_states=encoder_hidden_states,
-            timestep_cond=timestep_cond,
-            cross_attention_kwargs=self.cross_attention_kwargs,
             down_block_additional_residuals=residuals[:-1],
             mid_block_additional_residual=residuals[-1],
             return_dict=False,
+            **unet_conditioning,
         )[0]
 
 
-class PCRStableDiffusionControlNetPipeline(PCRTextToImageMixin, StableDiffusionControlNetPipeline):
+class PCRStableDiffusionControlNetPipeline(PCRParentLoopMixin, StableDiffusionControlNetPipeline):
     """Text-to-image with a ControlNet like `StableDiffusionControlNetPipeline`, with the denoising loop solved in
     parallel.
 
-    Prompt encoding, the control image, latents and decoding are the parent's; for the same `generator` the result
-    equals the parent's up to the tolerance. Each round runs the ControlNet and the UNet once on window x 2 x batch
-    rows (the control image repeated per step), with `controlnet_conditioning_scale`, `control_guidance_start/end`
-    (per step index, see `ControlledUNet`) and guess mode as in the parent. One `ControlNetModel`: a
-    `MultiControlNetModel` is refused with a clear error.
+    The parent's `__call__` runs as written, with its loop answered by the parallel solve (`PCRParentLoopMixin`);
+    for the same `generator` the result equals the parent's up to the tolerance. Each round runs the ControlNet and
+    the UNet once on window x 2 x batch rows (the control image repeated per step), with
+    `controlnet_conditioning_scale`, `control_guidance_start/end` (per step index, see `ControlledUNet`) and guess
+    mode as in the parent. One `ControlNetModel`: a `MultiControlNetModel` is refused with a clear error.
     """
 
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        image=None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 50,
-        timesteps: list[int] | None = None,
-        sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int | None = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        ip_adapter_image=None,
-        ip_adapter_image_embeds: list[torch.Tensor] | None = None,
-        output_type: str | None = "pil",
-        return_dict: bool = True,
-        cross_attention_kwargs: dict[str, Any] | None = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
-        guess_mode: bool = False,
-        control_guidance_start: float | list[float] = 0.0,
-        control_guidance_end: float | list[float] = 1.0,
-        clip_skip: int | None = None,
-        callback_on_step_end=None,
-        callback_on_step_end_tensor_inputs: list[str] = ["latents"],  # noqa: B006 (the parent's default)
-        *,
-        parallel: int | str = DEFAULT_PARALLEL,
-        tolerance: float = DEFAULT_TOLERANCE,
-        jacobian: str = "auto",
-        max_rounds: int | None = None,
-        max_memory: int | str | None = None,
-        **kwargs,
-    ) -> StableDiffusionPipelineOutput | tuple:
-        r"""Generates images from text, guided by a control image.
+    denoisers = ("controlnet", "unet")
+    # the ControlNet's scale changes with the step (the keep), and the UNet gets that step's residuals
+    varying_inputs = (
+        *STEP_INPUTS,
+        "conditioning_scale",
+        "down_block_additional_residuals",
+        "mid_block_additional_residual",
+    )
 
-        Args:
-            prompt ... callback_on_step_end_tensor_inputs: as in `StableDiffusionControlNetPipeline`
-                (`num_inference_steps` may be None with custom `timesteps` or `sigmas`).
-            parallel, tolerance, jacobian, max_rounds, max_memory: the window solver's, as in `PCRDDPMPipeline`.
-            callback_on_step_end, callback_on_step_end_tensor_inputs: as in the parent, but called after the solve,
-                in step order, with each step's accepted latents: a callback can only observe (`StepEndCallback`;
-                one that would steer the parent's later steps is an error).
-            ip_adapter_image, ip_adapter_image_embeds, callback, callback_steps: not supported (a clear error).
-
-        Returns:
-            `StableDiffusionPipelineOutput` with the statistics as its attribute `.stats`, or the parent's tuple
-            `(images, nsfw_content_detected)`; `pipeline.stats` holds them too, per thread.
-        """
-        # 1. Check inputs, before any model call; the call runs on its own copy of the pipeline and scheduler
-        options = ParallelOptions(parallel, tolerance, jacobian, max_rounds, max_memory)
-        num_inference_steps = self.check_text_to_image_inputs(
-            num_inference_steps,
-            timesteps is not None or sigmas is not None,
-            ip_adapter_image=ip_adapter_image,
-            ip_adapter_image_embeds=ip_adapter_image_embeds,
-            **kwargs,
-        )
+    def check_call(self, arguments):
+        super().check_call(arguments)
         controlnet = self.controlnet._orig_mod if is_compiled_module(self.controlnet) else self.controlnet
         if not isinstance(controlnet, ControlNetModel):
             raise ValueError(
                 f"{type(self).__name__} supports one `ControlNetModel`, got a {type(controlnet).__name__}: several "
                 f"ControlNets are not implemented. Use StableDiffusionControlNetPipeline."
             )
-        self = self.for_text_to_image_call()  # noqa: PLW0642 (the parent keeps per-call state on the pipeline)
-        callback_on_step_end_tensor_inputs = self.step_end_tensor_inputs(
-            callback_on_step_end, callback_on_step_end_tensor_inputs
-        )
-        # the parent's alignment of the control guidance window, for one ControlNet
-        if not isinstance(control_guidance_start, list):
-            n = len(control_guidance_end) if isinstance(control_guidance_end, list) else 1
-            control_guidance_start = n * [control_guidance_start]
-        if not isinstance(control_guidance_end, list):
-            control_guidance_end = len(control_guidance_start) * [control_guidance_end]
-        self.check_inputs(
-            prompt,
-            image,
-            None,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            ip_adapter_image,
-            ip_adapter_image_embeds,
-            controlnet_conditioning_scale,
-            control_guidance_start,
-            control_guidance_end,
-            callback_on_step_end_tensor_inputs,
-        )
-        batch_size = self.effective_batch_size(prompt, prompt_embeds, num_images_per_prompt, generator)
-        self._guidance_scale = guidance_scale
-        self._clip_skip = clip_skip
-        self._cross_attention_kwargs = cross_attention_kwargs
-        self._interrupt = False
-        device = self._execution_device
-        guess_mode = guess_mode or controlnet.config.global_pool_conditions
-        conditional_only = guess_mode and self.do_classifier_free_guidance  # the ControlNet sees the cond rows only
-        image = self.prepare_image(
-            image=image,
-            width=width,
-            height=height,
-            batch_size=batch_size,
-            num_images_per_prompt=num_images_per_prompt,
-            device=device,
-            dtype=controlnet.dtype,
-            do_classifier_free_guidance=self.do_classifier_free_guidance,
-            guess_mode=guess_mode,
-        )
-        height, width = image.shape[-2:]
 
-        # 2. Encode the prompt: negative embeddings first, as the sequential loop batches them
-        with TEXT_ENCODING_LOCK:
-            prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-                prompt,
-                device,
-                num_images_per_prompt,
-                self.do_classifier_free_guidance,
-                negative_prompt,
-                prompt_embeds=prompt_embeds,
-                negative_prompt_embeds=negative_prompt_embeds,
-                lora_scale=(cross_attention_kwargs or {}).get("scale"),
-                clip_skip=clip_skip,
+    def chain_model(self, calls, latents, arguments):
+        control, unet = calls
+        scale, start, end = (
+            value[0] if isinstance(value, (list, tuple)) else value
+            for value in (
+                arguments["controlnet_conditioning_scale"],
+                arguments["control_guidance_start"],
+                arguments["control_guidance_end"],
             )
-        controlnet_prompt_embeds = prompt_embeds
-        if self.do_classifier_free_guidance:
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            controlnet_prompt_embeds = controlnet_prompt_embeds if conditional_only else prompt_embeds
-
-        # 3. Timesteps, initial latents and every step's noise, drawn in the sequential loop's order; which steps
-        # keep the ControlNet (the parent's `controlnet_keep`)
-        scheduler = self.pcr_timesteps(num_inference_steps, timesteps, sigmas)
-        latents = self.prepare_latents(
-            batch_size, self.unet.config.in_channels, height, width, prompt_embeds.dtype, device, generator, latents
         )
-        step_kwargs, noise, timestep_cond = self.unet_step_inputs(scheduler, latents, generator, eta, batch_size)
-        n, start, end = len(scheduler.timesteps), control_guidance_start[0], control_guidance_end[0]
-        keep = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]
-
-        # 4. Denoise: one ControlNet and one UNet call per round cover window x 2 x batch; then the callbacks
+        n = len(self.scheduler.timesteps)
+        keep = [1.0 - float(i / n < start or (i + 1) / n > end) for i in range(n)]  # the parent's controlnet_keep
+        guess_mode = control.kwargs["guess_mode"]
         model = ControlledUNet(
             self.unet,
             self.controlnet,
-            None if all(keep) else torch.tensor(keep, device=device),
-            controlnet_conditioning_scale,
+            None if all(keep) else torch.tensor(keep, device=latents.device),
+            scale,
             guess_mode,
-            batch_size if conditional_only else None,
-            cross_attention_kwargs,
+            latents.shape[0] if guess_mode and self.do_classifier_free_guidance else None,
         )
-        conditioning = {
-            "encoder_hidden_states": prompt_embeds,
-            "timestep_cond": timestep_cond,
-            "controlnet_cond": image,
-            "controlnet_hidden_states": controlnet_prompt_embeds,
-        }
-        step_end = self.step_end_callback(
-            callback_on_step_end,
-            callback_on_step_end_tensor_inputs,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            image=image,
-        )
-        latents, stats = self.guided_denoise(
-            model, conditioning, scheduler, latents, noise, options, step_kwargs=step_kwargs, step_end=step_end
+        return self.guided_model(
+            unet,
+            model,
+            latents,
+            controlnet_cond=control.kwargs["controlnet_cond"],
+            controlnet_hidden_states=control.kwargs["encoder_hidden_states"],
         )
 
-        # 5. Decode, check safety and post-process, as the parent does
-        image, has_nsfw_concept = self.decode_with_safety_checker(latents, output_type, generator)
-        output = StableDiffusionPipelineOutput(images=image, nsfw_content_detected=has_nsfw_concept)
-        return self.pcr_output(output, stats, return_dict)
+    def dummy_output(self, call, module):
+        if call.name == "controlnet":  # residuals the UNet's stand-in ignores
+            return [], torch.zeros(1)
+        return super().dummy_output(call, module)
