@@ -1,21 +1,25 @@
-"""Speed-up map of `PCRSequential` over `nn.Sequential` for deep MLPs and ResNets, forward and forward+backward.
+"""Speed-up of `PCRSequential` over `nn.Sequential` for deep MLPs and ResNets, forward and forward+backward.
 
-    python benchmarks/layers.py [--device cuda] [--threads N] [--out layers.png]
-    python benchmarks/layers.py --quick --out layers_quick.png            # a smoke test, seconds
-    python benchmarks/layers.py --L 4096 --d 4 8 --batch 1                # some cells of the grid
-    python benchmarks/layers.py --resnets [--quick] --out resnets.png     # conv ResNets and wide MLPs, per Jacobian
+    python benchmarks/layers.py [--device cuda] [--threads N] [--plot layers.png]     # tanh MLPs, exact Jacobians
+    python benchmarks/layers.py --quick --plot layers_quick.png                        # a smoke test, seconds
+    python benchmarks/layers.py --L 4096 --d 4 8 --batch 1                             # some cells of the grid
+    python benchmarks/layers.py --resnets [--quick] [--plot resnets.png]               # ResNets, every Jacobian
 
-Each cell is the wall-clock ratio `nn.Sequential / PCRSequential` (above 1: PCR is faster) on the same L layers
-`x -> tanh(W_l x + c_l)` (PyTorch's default init, a contractive chain), float32, both measured side by side in one
-run; the table also gives Newton's iterations and the largest difference of the outputs.
+Each cell is the wall-clock ratio `nn.Sequential / PCRSequential` (above 1: PCR is faster) on the same L layers,
+float32, both measured side by side in one run; the tables also give Newton's iterations and the largest
+difference of the outputs. `--plot` writes a PNG: for the tanh MLPs a heat map over (L, d), for `--resnets` the
+speed-up against L for every Jacobian, one panel per block configuration, with the cost model's prediction.
 
-Cost model. The loop does `O(L batch d^2)` work in L sequential levels; when the layers are small its time is L
-times the fixed cost of launching a layer's few kernels, independent of d. PCR does, per Newton iteration, one
-batched evaluation of all layers, their exact Jacobians (`O(L batch d^3)`) and a dense PCR solve (`O(L log L batch
-d^3)` work in `ceil(log2 L)` levels), so its time is `O(iters log L)` launches plus work growing like `d^3 log L`.
-PCR therefore wins where L is large and d small (the loop is latency-bound and PCR's extra work is cheap), and
-loses as d grows, since its work is `iters * d * (1 + ceil(log2 L))` times the loop's: the crossover moves to larger
-d as the device's throughput grows relative to its launch latency (a GPU), and to smaller d on a few CPU cores.
+Cost model (forward). The loop costs `L t_layer`. A Newton iteration costs `t_iter = t_jac + 2 t_pcr`: the
+Jacobian's evaluation of all L blocks in one batched call (for `"identity"` the blocks alone; `"exact"` and
+`"diagonal"` add D vector-Jacobian products, Hutchinson k) and the two PCR solves `newton_solve` does, each
+`ceil(log2 L)` levels of `O(L batch D)` elementwise work (`O(L batch D^3)` dense, for `"exact"`). With K iterations
+PCR's forward wins iff `K t_iter < L t_layer`: the `--resnets` table measures `t_iter / (L t_layer)` (column
+`iter/loop`) so the crossover reads `K * iter/loop < 1`, and its `model` column is the predicted ratio
+`1 / (K * iter/loop)` beside the measured one. On a device whose throughput is already used by one block
+(a few CPU cores, conv blocks) a batched call of L blocks costs about L blocks, `iter/loop >= 1`, and PCR cannot
+win at any L; where one block leaves the device mostly idle (a GPU, small blocks) the batched call costs about
+one block, and PCR wins from the L where `L t_layer` outgrows `K (t_jac + 2 t_pcr)`.
 """
 
 import argparse
@@ -33,7 +37,9 @@ from common import device_name, print_table, seconds
 from matplotlib.colors import LogNorm
 from torch import nn
 
-from pcr_diffusers.nn import PCRSequential, Residual, SampleDiagonalJacobian
+from pcr_diffusers import pcr_solve
+from pcr_diffusers.nn import LayerStack, PCRSequential, Residual, SampleDiagonalJacobian
+from pcr_diffusers.nn.jacobians import resolve_jacobian
 
 GRID = {"L": [64, 256, 1024, 4096], "d": [4, 8, 16, 32, 64], "batch": [1, 16]}
 QUICK_GRID = {"L": [64, 256], "d": [4, 16], "batch": [1, 16]}
@@ -90,6 +96,15 @@ def timed(fn, repeats: int, device: str) -> float:
     return once if once > 2.0 else seconds(fn, repeats, device)
 
 
+def warm_up(device: str) -> None:
+    """One tiny forward and backward through every Jacobian choice: the first `torch.func` call of a process pays a
+    one-time initialisation (seconds on a CPU) that `timed` would otherwise charge to the first cell it measures."""
+    blocks, sample = resnet_blocks("conv", 2, 2, 3, device)
+    x = torch.randn(2, *sample, device=device, requires_grad=True)
+    for name in JACOBIAN_CHOICES:
+        PCRSequential(*blocks, jacobian=jacobian_for(name))(x).sum().backward()
+
+
 def measure(L: int, d: int, batch: int, repeats: int, device: str) -> dict:
     """Forward and forward+backward seconds of both stacks over the same layers, timed one after the other."""
     torch.manual_seed(0)
@@ -124,6 +139,38 @@ def resnet_blocks(kind: str, width: int, side: int, L: int, device: str) -> tupl
     return [Residual(block, scale=L**-0.5).to(device) for block in mlp], (width,)
 
 
+def jacobian_for(name: str):
+    """The `jacobian` argument of `PCRSequential` for a column of the table."""
+    return SampleDiagonalJacobian(probes=4) if name == "hutchinson-4" else name
+
+
+def iteration_seconds(blocks: list[nn.Module], x: torch.Tensor, name: str, repeats: int, device: str) -> float:
+    """`t_jac + 2 t_pcr`: one Newton iteration's batched Jacobian evaluation of all L blocks and its two PCR solves,
+    timed apart from the solver's bookkeeping, at the input `x` `(batch, *sample)` repeated over the L states."""
+    stack = LayerStack(blocks)
+    params, buffers = stack.parameters(), stack.buffers()
+    L, batch = len(blocks), len(x)
+    x_prev = x.reshape(1, batch, -1).expand(L, -1, -1).contiguous()  # (L, batch, D)
+    ls = torch.arange(L, device=device)
+
+    def step(ls, h):  # as PCRSequential's: layers `ls` on their inputs `h` (n, batch, D)
+        layer_params = {key: p[ls] for key, p in params.items()}
+        layer_buffers = {key: b[ls] for key, b in buffers.items()}
+        return stack.evaluate(layer_params, layer_buffers, h.reshape(len(ls), *x.shape)).reshape(h.shape)
+
+    _, jacobian = resolve_jacobian(jacobian_for(name), x_prev.shape[-1], residual=True)
+    jacobian.reset(L, x_prev[0])
+    with torch.no_grad():
+        t_jac = seconds(lambda: jacobian.evaluate(step, ls, x_prev), repeats, device)
+        _, A = jacobian.evaluate(step, ls, x_prev)
+
+        def solve():
+            return pcr_solve(A, x_prev, x_prev[0], structure=jacobian.structure, check_finite=False)
+
+        t_pcr = seconds(solve, repeats, device)
+    return t_jac + 2 * t_pcr
+
+
 def measure_resnet(kind, width, side, L, batch, repeats, device) -> list[dict]:
     """The loop once, then PCR under every Jacobian choice, over the same blocks and input, in this run."""
     blocks, sample = resnet_blocks(kind, width, side, L, device)
@@ -149,11 +196,11 @@ def measure_resnet(kind, width, side, L, batch, repeats, device) -> list[dict]:
         if name in ("exact", "diagonal") and size > VJP_JACOBIAN_MAX_SIZE:
             rows.append(row | {"skipped": f"D={size} VJPs per iteration"})
             continue
-        jacobian = SampleDiagonalJacobian(probes=4) if name == "hutchinson-4" else name
-        pcr = PCRSequential(*blocks, jacobian=jacobian)
+        pcr = PCRSequential(*blocks, jacobian=jacobian_for(name))
         row["pcr_fwd"] = timed(lambda: forward(pcr, name), repeats, device)  # noqa: B023 (called right here)
         row["diff"] = (outputs["loop"] - outputs[name]).abs().max().item()
         row["iters"] = pcr.last_result.num_iters
+        row["iter_over_loop"] = iteration_seconds(blocks, x, name, repeats, device) / loop_fwd
         row["pcr_fb"] = timed(lambda: forward_backward(pcr), repeats, device)  # noqa: B023
         row["adjoint_iters"] = "dense" if name == "exact" else pcr.last_adjoint_result.num_iters
         rows.append(row)
@@ -161,7 +208,7 @@ def measure_resnet(kind, width, side, L, batch, repeats, device) -> list[dict]:
 
 
 def resnet_table(args, machine: str) -> None:
-    """Conv ResNets and wide residual MLPs under each Jacobian: a table, a summary and a heat map of the ratios."""
+    """Conv ResNets and wide residual MLPs under each Jacobian: a table, a summary and, with `--plot`, a figure."""
     cases, depths = (QUICK_RESNETS, QUICK_RESNET_DEPTHS) if args.quick else (RESNETS, RESNET_DEPTHS)
     depths = args.L or depths
     batch = (args.batch or [1])[0]
@@ -175,15 +222,16 @@ def resnet_table(args, machine: str) -> None:
                 rows.append(row)
                 print(row, file=sys.stderr)  # progress: the full table takes minutes
     header = ["model", "D", "L", "jacobian", "iters fwd/adj", "max |diff|", "loop fwd", "PCR fwd", "fwd ratio"]
-    header += ["loop f+b", "PCR f+b", "f+b ratio"]
+    header += ["iter/loop", "model", "loop f+b", "PCR f+b", "f+b ratio"]
     table = []
     for r in rows:
         line = [r["model"], r["D"], r["L"], r["jacobian"]]
         if "skipped" in r:
-            table.append(line + ["skipped", r["skipped"]] + [""] * 6)
+            table.append(line + ["skipped", r["skipped"]] + [""] * 8)
             continue
         line += [f"{r['iters']}/{r['adjoint_iters']}", f"{r['diff']:.1e}"]
         line += [f"{1e3 * r['loop_fwd']:.1f}ms", f"{1e3 * r['pcr_fwd']:.1f}ms", f"{r['loop_fwd'] / r['pcr_fwd']:.2f}x"]
+        line += [f"{r['iter_over_loop']:.3f}", f"{1 / (r['iters'] * r['iter_over_loop']):.2f}x"]
         line += [f"{1e3 * r['loop_fb']:.1f}ms", f"{1e3 * r['pcr_fb']:.1f}ms", f"{r['loop_fb'] / r['pcr_fb']:.2f}x"]
         table.append(line)
     print_table(header, table)
@@ -192,26 +240,45 @@ def resnet_table(args, machine: str) -> None:
         ratios = [(r[f"loop_{key}"] / r[f"pcr_{key}"], r) for r in measured]
         wins = [f"{r['model']} L={r['L']} {r['jacobian']} ({q:.2f}x)" for q, r in ratios if q >= 1]
         print(f"{name}: PCR faster in {len(wins)} of {len(ratios)} cells" + (": " + "; ".join(wins) if wins else ""))
-    cells = sorted({(r["model"], r["L"]) for r in rows}, key=lambda c: (c[0], c[1]))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 0.4 * len(cells) + 2), layout="constrained")
-    for ax, (key, name) in zip(axes, [("fwd", "forward"), ("fb", "forward + backward")], strict=True):
-        values = np.full((len(cells), len(JACOBIAN_CHOICES)), np.nan)
-        for r in measured:
-            values[cells.index((r["model"], r["L"])), JACOBIAN_CHOICES.index(r["jacobian"])] = (
-                r[f"loop_{key}"] / r[f"pcr_{key}"]
-            )
-        span = max(np.nanmax(values), 1 / np.nanmin(values), 2.0)
-        image = ax.imshow(values, cmap="RdBu", norm=LogNorm(1 / span, span), aspect="auto")
-        for i, j in np.ndindex(values.shape):
-            text = "n/a" if np.isnan(values[i, j]) else f"{values[i, j]:.2g}x"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(JACOBIAN_CHOICES)), JACOBIAN_CHOICES)
-        ax.set_yticks(range(len(cells)), [f"{model}, L={L}" for model, L in cells])
-        ax.set_title(name)
-    fig.colorbar(image, ax=axes, label="nn.Sequential time / PCRSequential time (blue: PCR faster)")
-    fig.suptitle(f"residual blocks, float32, batch {batch}, {machine}", fontsize=10)
-    fig.savefig(args.out, dpi=120)
-    print(f"wrote {args.out}")
+    print(
+        "Cost model: PCR's forward wins iff K * iter/loop < 1 (K: Newton iterations; iter/loop: one iteration's "
+        "batched Jacobian evaluation of all L blocks plus its two PCR solves, over the loop's whole pass); 'model' "
+        "is the predicted ratio 1 / (K * iter/loop)."
+    )
+    if args.plot:
+        resnet_plot(rows, f"residual blocks, float32, batch {batch}, {machine}", args.plot)
+        print(f"wrote {args.plot}")
+
+
+def resnet_plot(rows: list[dict], title: str, path: str) -> None:
+    """One panel per block configuration: the speed-up against L for every Jacobian, forward (solid), forward and
+    backward (dashed), and the cost model's forward prediction (crosses); the grey line is parity."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    columns = min(3, len(models))
+    rows_of_panels = math.ceil(len(models) / columns)
+    fig, axes = plt.subplots(
+        rows_of_panels, columns, figsize=(4.6 * columns, 3.8 * rows_of_panels), squeeze=False, layout="constrained"
+    )
+    colors = dict(zip(JACOBIAN_CHOICES, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, model in zip(axes.flat, models, strict=False):
+        cells = [r for r in rows if r["model"] == model and "skipped" not in r]
+        for name in JACOBIAN_CHOICES:
+            cell = sorted((r for r in cells if r["jacobian"] == name), key=lambda r: r["L"])
+            if not cell:
+                continue
+            Ls = [r["L"] for r in cell]
+            ax.plot(Ls, [r["loop_fwd"] / r["pcr_fwd"] for r in cell], "o-", color=colors[name], label=f"{name} fwd")
+            ax.plot(Ls, [r["loop_fb"] / r["pcr_fb"] for r in cell], "s--", color=colors[name], label=f"{name} f+b")
+            ax.plot(Ls, [1 / (r["iters"] * r["iter_over_loop"]) for r in cell], "x", color=colors[name], ms=9)
+        ax.axhline(1.0, color="grey", lw=1)
+        ax.set(xscale="log", yscale="log", xlabel="blocks L", ylabel="nn.Sequential time / PCRSequential time")
+        ax.set_xticks(sorted({r["L"] for r in cells}), [str(L) for L in sorted({r["L"] for r in cells})])
+        ax.set_title(f"{model} (D={cells[0]['D'] if cells else '?'})", fontsize=10)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(models) :]:
+        ax.set_visible(False)
+    fig.suptitle(f"{title}; x: the cost model's forward prediction 1 / (K * iter/loop)", fontsize=10)
+    fig.savefig(path, dpi=120)
 
 
 def heat_map(results: dict, grid: dict, title: str, path: str) -> None:
@@ -262,7 +329,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: torch's)")
     parser.add_argument("--quick", action="store_true", help=f"a small grid {QUICK_GRID}, one repeat: a smoke test")
-    parser.add_argument("--out", default="layers.png", help="where to save the heat map")
+    parser.add_argument("--plot", default=None, help="write the figure to this PNG path (default: no figure)")
     parser.add_argument("--resnets", action="store_true", help="conv ResNets and wide MLPs under every Jacobian")
     for axis in GRID:
         parser.add_argument(f"--{axis}", type=int, nargs="+", help=f"override the grid's {axis} values")
@@ -270,6 +337,7 @@ def main():
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     machine = device_name(args.device)
+    warm_up(args.device)
     if args.resnets:
         resnet_table(args, machine)
         return
@@ -295,8 +363,10 @@ def main():
                 print(" ".join(map(str, row)), file=sys.stderr)  # progress: the full grid takes minutes
     print_table(header, rows)
     summarise(results)
-    heat_map(results, grid, f"tanh MLP, float32, {machine}", args.out)
-    print(f"wrote {args.out} ({time.perf_counter() - start:.0f}s)")
+    if args.plot:
+        heat_map(results, grid, f"tanh MLP, float32, {machine}", args.plot)
+        print(f"wrote {args.plot}")
+    print(f"({time.perf_counter() - start:.0f}s)")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 import copy
+import math
 
 import pytest
 import torch
 from torch import nn
 
-from pcr_diffusers import SolveResult
-from pcr_diffusers.nn import EXACT_MAX_SIZE, PCRSequential, Residual, SampleDiagonalJacobian
+from pcr_diffusers import SolveResult, newton_solve
+from pcr_diffusers.core import ConstantJacobian, make_jacobian
+from pcr_diffusers.nn import EXACT_MAX_SIZE, PCRSequential, Residual, SampleDiagonalJacobian, TrustRegionJacobian
 from pcr_diffusers.nn.jacobians import resolve_jacobian
 
 KINDS = ["mlp", "residual", "norm"]
@@ -397,3 +399,90 @@ def test_blocks_that_are_not_per_sample_or_change_the_shape_are_refused():
             PCRSequential(*layers)(x)
     with pytest.raises(ValueError, match="jacobian"):
         PCRSequential(nn.Tanh(), jacobian="zero")
+
+
+def test_trust_region_keeps_a_divergent_picard_chain_convergent():
+    layers = make_layers("mlp", 1000)  # non-residual: J = I is a poor model and Picard's iterates blow up
+    x = torch.randn(3, 6, dtype=torch.float64)
+    # undamped Picard accepts one layer per iteration here, so it cannot finish 1000 layers within 300 iterations
+    plain = PCRSequential(*layers, jacobian="identity", max_iters=300)
+    trust = PCRSequential(*layers, jacobian="identity", damping="trust", max_iters=300)
+    with pytest.warns(RuntimeWarning, match="did not converge"), torch.no_grad():
+        plain(x)
+    assert not plain.last_result.converged and max(plain.last_result.residuals) > 1e100
+    assert_matches_twin(trust, x, atol=1e-8, rtol=1e-8)
+    assert trust.last_result.converged and max(trust.last_result.residuals) < 1e4
+    assert trust.last_adjoint_result.converged
+
+
+def test_trust_region_avoids_the_float32_overflow_of_undamped_picard():
+    layers = make_layers("mlp", 1000, dtype=torch.float32)
+    x = torch.randn(3, 6)
+    plain = PCRSequential(*layers, jacobian="identity", max_iters=1000)
+    with pytest.warns(RuntimeWarning, match="non-finite"), torch.no_grad():
+        plain(x)
+    assert not plain.last_result.converged and plain.last_result.num_iters < 100  # stopped at the overflow
+    trust = PCRSequential(*layers, jacobian="identity", damping="trust", max_iters=1000)
+    with torch.no_grad():
+        y = trust(x)
+    assert trust.last_result.converged and trust.last_result.num_iters < 200
+    torch.testing.assert_close(y, nn.Sequential(*layers)(x), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("jacobian", JACOBIANS)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("L", [1, 7, 65])
+def test_trust_region_outputs_and_gradients_equal_nn_sequential(kind, L, jacobian):
+    # the non-residual tanh MLP under Picard, which diverges undamped, is included
+    layers = make_layers("mlp", L) if kind == "mlp" else make_conv_blocks(L)
+    x = torch.randn(3, 6, dtype=torch.float64) if kind == "mlp" else torch.randn(3, 2, 4, 4, dtype=torch.float64)
+    pcr = PCRSequential(*layers, jacobian=jacobian, damping="trust", tol=TOL[torch.float64], max_iters=L)
+    assert_matches_twin(pcr, x, atol=1e-8, rtol=1e-8)
+    assert pcr.last_result.converged
+    if jacobian != "exact":
+        assert pcr.last_adjoint_result.converged
+
+
+def chain(L, d=6, gain=0.8, seed=0):
+    """`step(ls, x) = tanh(W_l x + c_l)` on states `(n, d)`, for `newton_solve` directly."""
+    generator = torch.Generator().manual_seed(seed)
+    W = torch.randn(L, d, d, generator=generator, dtype=torch.float64) * gain / d**0.5
+    c = torch.randn(L, d, generator=generator, dtype=torch.float64) * 0.5
+    return lambda ls, x: torch.tanh(torch.einsum("nij,nj->ni", W[ls], x) + c[ls])
+
+
+@pytest.mark.parametrize("inner, damped", [("exact", False), ("identity", True)])
+def test_trust_region_damps_only_steps_that_raise_the_residual(inner, damped):
+    L, lambdas = 300, []
+    jacobian = TrustRegionJacobian(make_jacobian(inner))
+    x0 = torch.randn(6, dtype=torch.float64)
+    result = newton_solve(
+        chain(L), x0, L, jacobian=jacobian, callback=lambda **_: lambdas.append(jacobian.damping.item())
+    )
+    assert result.converged
+    if damped:  # Picard on a non-residual chain: lambda rises after the blow-ups, within its bound
+        assert 0 < max(lambdas) <= jacobian.max_damping
+        assert result.num_iters < newton_solve(chain(L), x0, L, jacobian=inner).num_iters
+    else:  # Newton's residuals fall every iteration: it stays plain Newton, with the same iterates
+        assert max(lambdas) == 0
+        plain = newton_solve(chain(L), x0, L, jacobian=inner)
+        assert result.num_iters == plain.num_iters and torch.equal(result.states, plain.states)
+
+
+def test_trust_region_still_reports_non_convergence():
+    pcr = PCRSequential(*make_layers("mlp", 100, gain=1.3), damping="trust", tol=1e-10, max_iters=3)
+    x = torch.randn(3, 6, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        assert_matches_twin(pcr, x, atol=1e-12, rtol=1e-12)
+    assert not pcr.last_result.converged and pcr.last_result.num_iters == 3
+    assert pcr[:10].damping == "trust" and "damping='trust'" in repr(pcr)
+
+
+def test_bad_damping_values_are_refused():
+    layers = make_layers("mlp", 3)
+    for damping in ["trusted", "Trust", None, True, -1.0, float("inf"), float("nan")]:
+        with pytest.raises(ValueError, match="`damping` must be a finite number >= 0 or one of \\('trust',\\)"):
+            PCRSequential(*layers, damping=damping)
+    for name, value in [("grow", 1.0), ("grow", True), ("shrink", 0.5), ("max_damping", 0.0), ("shrink", math.inf)]:
+        with pytest.raises(ValueError, match=f"`{name}` must be a finite number >"):
+            TrustRegionJacobian(ConstantJacobian(1.0), **{name: value})

@@ -19,7 +19,7 @@ from ..core import (
     pcr_solve,
 )
 from .blocks import Residual
-from .jacobians import DampedJacobian, check_jacobian, resolve_jacobian
+from .jacobians import DampedJacobian, TrustRegionJacobian, check_damping, check_jacobian, resolve_jacobian
 from .stacking import LayerStack
 
 MODES = ("pcr", "sequential")
@@ -41,7 +41,7 @@ class _Solve:
     buffers: dict[str, torch.Tensor]
     kind: str
     jacobian: Jacobian
-    damping: float
+    damping: float | str
     shape: tuple[int, ...]
     tol: float | None
     max_iters: int
@@ -64,6 +64,9 @@ class _Solve:
         return step
 
     def damped(self, jacobian: Jacobian) -> Jacobian:
+        """`jacobian` as one solve uses it: adaptively damped (a fresh trust region per solve), damped, or as is."""
+        if self.damping == "trust":
+            return TrustRegionJacobian(jacobian)
         return DampedJacobian(jacobian, self.damping) if self.damping else jacobian
 
 
@@ -209,8 +212,12 @@ class PCRSequential(nn.Sequential):
     - `"identity"`: `J = I`, Picard iteration: free, right for residual blocks `x + f(x)` with a small `f`.
     - `"auto"` (default): `"exact"` for D <= 16, else `"identity"`.
 
-    `damping` lambda uses `J / (1 + lambda)` in both solves, a shorter step that keeps a chain convergent where the
-    undamped approximation diverges (large lambda approaches the fixed-point sweep `J = 0`, which cannot diverge).
+    Damping uses `J / (1 + lambda)` in both Newton solves (forward and adjoint): a shorter step that keeps a chain
+    convergent where the undamped approximation diverges (large lambda approaches the fixed-point sweep `J = 0`,
+    which cannot diverge). `damping=lambda` fixes it; `damping="trust"` adapts it every iteration, Levenberg–Marquardt
+    style (ELK's trust region): 0 while each step lowers the residual norm, raised tenfold after a step that raised
+    it, halved back after a step that lowered it (`TrustRegionJacobian`). The fixed point, and so the output, is the
+    same for every lambda.
 
     Cost: PCR does `O(L log L batch D^3)` work (`"exact"`) or `O(L log L batch D)` (`"diagonal"`, `"identity"`)
     in `O(log L)` sequential levels per Newton iteration, plus the Jacobians (`D` VJPs of every block for
@@ -235,7 +242,8 @@ class PCRSequential(nn.Sequential):
         mode (`str`): `"pcr"` (parallel) or `"sequential"` (the plain loop of `nn.Sequential`).
         jacobian: `"auto"`, `"exact"`, `"diagonal"`, `"identity"`, or a `Jacobian` object (e.g.
             `SampleDiagonalJacobian(probes=4)`).
-        damping (`float`): lambda >= 0 of `J / (1 + lambda)`; default 0.
+        damping (`float` or `"trust"`): a fixed lambda >= 0 of `J / (1 + lambda)`, or `"trust"` for a lambda adapted
+            every Newton iteration; default 0.
         tol (`float`, *optional*): Newton's per-layer tolerance on `max(residual, update)` (absolute, largest entry);
             default `sqrt(eps)` of the dtype. The adjoint uses `tol` times the largest entry of the output gradient.
         max_iters (`int`, *optional*): the most Newton iterations per solve; default `min(L, DEFAULT_MAX_ITERS)`
@@ -253,7 +261,7 @@ class PCRSequential(nn.Sequential):
         *layers,
         mode: str = "pcr",
         jacobian="auto",
-        damping: float = 0.0,
+        damping: float | str = 0.0,
         tol: float | None = None,
         max_iters=None,
     ):
@@ -261,8 +269,7 @@ class PCRSequential(nn.Sequential):
         if mode not in MODES:
             raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
         check_jacobian(jacobian)
-        if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not (0 <= damping < math.inf):
-            raise ValueError(f"`damping` must be a finite number >= 0, got {damping!r}.")
+        check_damping(damping)
         if tol is not None and (
             isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (0 < tol < math.inf)
         ):
@@ -271,7 +278,7 @@ class PCRSequential(nn.Sequential):
             raise ValueError(f"`max_iters` must be a positive int or None, got {max_iters!r}.")
         self.mode = mode
         self.jacobian = jacobian
-        self.damping = float(damping)
+        self.damping = damping if isinstance(damping, str) else float(damping)
         self.tol = tol
         self.max_iters = max_iters
         self.last_result: SolveResult | None = None
@@ -287,7 +294,7 @@ class PCRSequential(nn.Sequential):
 
     def extra_repr(self) -> str:
         return (
-            f"mode={self.mode!r}, jacobian={self.jacobian!r}, damping={self.damping}, tol={self.tol}, "
+            f"mode={self.mode!r}, jacobian={self.jacobian!r}, damping={self.damping!r}, tol={self.tol}, "
             f"max_iters={self.max_iters}"
         )
 
