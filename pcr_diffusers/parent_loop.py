@@ -230,7 +230,7 @@ class ParentLoop:
         self.step_calls = 0
         # the loop's own copy, which a callback may edit, in the dtype of the schedulers' arithmetic on its inputs
         dtype = torch.promote_types(sample.dtype, model_output.dtype)
-        answer = self.states[self.answered].to(dtype, copy=True)
+        answer = self.pipe.loop_sample(self.states[self.answered], self.arguments).to(dtype, copy=True)
         if hasattr(self.pipe.scheduler, "_step_index"):  # as the scheduler's own step leaves it, for `add_noise`
             self.pipe.scheduler._step_index = self.steps[self.answered] + 1
         self.answered += 1
@@ -255,6 +255,9 @@ class ParentLoop:
         noise = scheduler.draw_noise(
             sample.shape, generator, sample.device, sample.dtype, steps=self.steps, **step_kwargs
         )
+        sample = pipe.chain_sample(sample, self.arguments)
+        if noise is not None:
+            noise = noise[:, : len(sample)]  # (N, B, ...): the draws of the chain's rows, the loop's first
         sample = sample.to(pipe.chain_dtype(sample))
         self.solving = True
         try:
@@ -283,7 +286,8 @@ class ParentLoop:
         position = self.steps[self.answered]
         if float(timestep) != float(self.pipe.scheduler.timesteps[position]):
             self.refuse(f"runs timestep {float(timestep):g} where the schedule has another")
-        if not same_value(sample, self.states[self.answered - 1].to(sample.dtype)):  # edited in place too
+        expected = self.pipe.loop_sample(self.states[self.answered - 1], self.arguments).to(sample.dtype)
+        if not same_value(sample, expected):  # edited in place too
             self.refuse("passes other latents than the accepted state of the step before (a callback changed them)")
         if self.step_calls != len(self.calls):
             self.refuse(f"makes {self.step_calls} denoiser calls where step 0 made {len(self.calls)}")
@@ -438,6 +442,15 @@ class PCRParentLoopMixin(PCRPipelineMixin):
         """What a step does besides `scheduler.step` (`DenoisingChain`'s `after_step`), or None; `noise`: the
         steps' draws, `recorded`: the results of `recorded_methods` by name."""
         return None
+
+    def chain_sample(self, sample: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The chain's state from the latents the loop passes to `scheduler.step` (default: them): their first rows
+        where the loop carries copies (DiT's guidance rows)."""
+        return sample
+
+    def loop_sample(self, state: torch.Tensor, arguments: dict) -> torch.Tensor:
+        """The latents the loop gets back for the chain's `state` (the inverse of `chain_sample`)."""
+        return state
 
     def chain_dtype(self, latents: torch.Tensor) -> torch.dtype:
         """The dtype of the chain's states, given the loop's first latents (default: theirs)."""

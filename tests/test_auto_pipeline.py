@@ -3,10 +3,12 @@
 import pytest
 import torch
 from conftest import tiny_controlnet_components, tiny_wan_components
+from test_dit import dit_pipeline
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
     DiffusionPipeline,
+    DiTPipeline,
     FluxPipeline,
     StableDiffusion3Pipeline,
     StableDiffusionControlNetPipeline,
@@ -41,6 +43,8 @@ BUILT = {  # parent -> the builder of its tiny components
 
 
 def parent(request, parent_class):
+    if parent_class is DiTPipeline:
+        return dit_pipeline()
     if parent_class in (DDPMPipeline, DDIMPipeline):
         return load_digits_pipeline("ddpm" if parent_class is DDPMPipeline else "ddim")
     if parent_class in BUILT:
@@ -48,7 +52,7 @@ def parent(request, parent_class):
     return parent_class(**request.getfixturevalue(TEXT_TO_IMAGE[parent_class]))
 
 
-PARENTS = [DDPMPipeline, DDIMPipeline, *TEXT_TO_IMAGE, *BUILT]
+PARENTS = [DDPMPipeline, DDIMPipeline, DiTPipeline, *TEXT_TO_IMAGE, *BUILT]
 
 
 def test_every_twin_stands_in_for_the_parent_it_is_registered_for():

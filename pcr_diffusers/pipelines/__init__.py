@@ -5,6 +5,7 @@ from .auto_pipeline import PCRAutoPipeline
 from .pipeline_pcr_controlnet import PCRStableDiffusionControlNetPipeline
 from .pipeline_pcr_ddim import PCRDDIMPipeline
 from .pipeline_pcr_ddpm import PCRDDPMPipeline
+from .pipeline_pcr_dit import PCRDiTPipeline
 from .pipeline_pcr_flux import PCRFluxPipeline
 from .pipeline_pcr_stable_diffusion import PCRStableDiffusionPipeline
 from .pipeline_pcr_stable_diffusion_3 import PCRStableDiffusion3Pipeline
@@ -18,6 +19,7 @@ __all__ = [
     "PCRAutoPipeline",
     "PCRDDIMPipeline",
     "PCRDDPMPipeline",
+    "PCRDiTPipeline",
     "PCRFluxPipeline",
     "PCRStableDiffusion3Pipeline",
     "PCRStableDiffusionControlNetPipeline",

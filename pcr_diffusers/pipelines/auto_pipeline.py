@@ -17,6 +17,7 @@ from ..pipeline_utils import PCR_CLASS_KEY, PCRPipelineMixin
 TWINS = {
     "DDPMPipeline": ("pipeline_pcr_ddpm", "PCRDDPMPipeline"),
     "DDIMPipeline": ("pipeline_pcr_ddim", "PCRDDIMPipeline"),
+    "DiTPipeline": ("pipeline_pcr_dit", "PCRDiTPipeline"),
     "FluxPipeline": ("pipeline_pcr_flux", "PCRFluxPipeline"),
     "StableDiffusionPipeline": ("pipeline_pcr_stable_diffusion", "PCRStableDiffusionPipeline"),
     "StableDiffusionImg2ImgPipeline": ("pipeline_pcr_stable_diffusion_img2img", "PCRStableDiffusionImg2ImgPipeline"),
