@@ -7,7 +7,14 @@ from .core import SolveResult, newton_solve, pcr_solve, sequential_solve
 
 __version__ = "0.1.0"
 
-__all__ = ["SolveResult", "load_digits_pipeline", "newton_solve", "pcr_solve", "sequential_solve"]
+__all__ = [
+    "SolveResult",
+    "load_digits_pipeline",
+    "load_guided_digits_pipeline",
+    "newton_solve",
+    "pcr_solve",
+    "sequential_solve",
+]
 
 
 def __getattr__(name):
@@ -15,4 +22,8 @@ def __getattr__(name):
         from .digits import load_digits_pipeline
 
         return load_digits_pipeline
+    if name == "load_guided_digits_pipeline":
+        from .digits_guided import load_guided_digits_pipeline
+
+        return load_guided_digits_pipeline
     raise AttributeError(f"module 'pcr_diffusers' has no attribute {name!r}")

@@ -28,6 +28,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image, ImageOps
 
 from .digits import DIGITS_DIR, digit_quality, train_digits
+from .digits_guided import guided_digit_quality, train_guided_digits
 from .pipelines import PCRDDIMPipeline, PCRDDPMPipeline
 from .sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE, DIFFUSION_JACOBIANS
 
@@ -278,19 +279,41 @@ def check_digits(args) -> int:
     return 0
 
 
-def train(args) -> int:
-    out = Path(args.out).absolute()
-    # saved in a hidden folder in the nearest existing folder above `out`, then renamed: all of it appears or none
+def train_into(out: str, train_fn):
+    """`train_fn(folder)` saving into a hidden folder in the nearest existing folder above `out`, then renamed to
+    `out`: all of it appears or none. Returns what `train_fn` returns."""
+    out = Path(out).absolute()
     partial = existing_ancestor(out) / f".{out.name}.partial-{os.getpid()}"
     try:
-        train_digits(partial, steps=args.steps, seed=args.seed)
+        trained = train_fn(partial)
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.is_dir():
             out.rmdir()  # empty (checked before training); renaming onto a folder fails on Windows
         os.replace(partial, out)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
+    return trained
+
+
+def train(args) -> int:
+    train_into(args.out, lambda folder: train_digits(folder, steps=args.steps, seed=args.seed))
     print(f"wrote {args.out}; check it with: pcr-diffusers check-digits --model {args.out}")
+    return 0
+
+
+def train_guided(args) -> int:
+    pipe = train_into(
+        args.out,
+        lambda folder: train_guided_digits(folder, steps=args.steps, vae_steps=args.vae_steps, seed=args.seed),
+    )
+    print(f"wrote {args.out}; load it with pcr_diffusers.digits_guided.load_guided_digits_pipeline(path=...)")
+    pipe.set_progress_bar_config(leave=False)
+    with torch.inference_mode():
+        quality = guided_digit_quality(pipe)
+    print(
+        f"  {quality['label_accuracy']:.0%} of {sum(quality['digit_counts'])} samples (DDIM-50, guidance scale 4) "
+        "read as the digit asked for by an SVM trained on real digits"
+    )
     return 0
 
 
@@ -334,6 +357,15 @@ def main(argv=None) -> int:
     tr.add_argument("--steps", type=train_steps, default=6000, help=f"at least {MIN_TRAIN_STEPS}")
     tr.add_argument("--seed", type=seed, default=0)
     tr.set_defaults(run=train, check_args=check_train_args)
+
+    guided = commands.add_parser(
+        "train-guided-digits", help="train the class-conditional digits DiT and its VAE (needs scikit-learn)"
+    )
+    guided.add_argument("--out", required=True, help="a new (or empty) folder to save the DiTPipeline in")
+    guided.add_argument("--steps", type=train_steps, default=4000, help=f"DiT steps, at least {MIN_TRAIN_STEPS}")
+    guided.add_argument("--vae-steps", type=train_steps, default=1000, help=f"VAE steps, at least {MIN_TRAIN_STEPS}")
+    guided.add_argument("--seed", type=seed, default=0)
+    guided.set_defaults(run=train_guided, check_args=check_train_args)
 
     args = parser.parse_args(argv)
     try:

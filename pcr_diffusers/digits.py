@@ -112,26 +112,32 @@ def train_digits(
     return pipe
 
 
-def digit_quality(samples: torch.Tensor) -> dict:
+def digit_quality(samples: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
     """Recognisability of generated digits in [-1, 1], `(N, 1, 8, 8)`, by an SVM trained on the real digits.
 
     Returns the classifier's accuracy on held-out real digits (its own quality), the mean and median confidence
     (largest class probability) on the samples, the fraction classified with confidence >= 0.9, and the count of
-    samples per predicted digit.
+    samples per predicted digit. Given the digits the samples were asked to be, `labels` `(N,)`, also the fraction
+    classified as asked (`label_accuracy`).
     """
     from sklearn.model_selection import train_test_split
     from sklearn.svm import SVC
 
-    images, labels = load_digits_data()
+    images, digits = load_digits_data()
     features = ((images + 1) * 8).reshape(len(images), -1).numpy()
-    train_x, test_x, train_y, test_y = train_test_split(features, labels.numpy(), test_size=0.25, random_state=0)
+    train_x, test_x, train_y, test_y = train_test_split(features, digits.numpy(), test_size=0.25, random_state=0)
     classifier = SVC(gamma=0.001, probability=True, random_state=0).fit(train_x, train_y)
     probs = classifier.predict_proba(((samples.clamp(-1, 1) + 1) * 8).reshape(len(samples), -1).cpu().numpy())
     confidence = probs.max(1)
-    return {
+    quality = {
         "classifier_accuracy": float(classifier.score(test_x, test_y)),
         "mean_confidence": float(confidence.mean()),
         "median_confidence": float(np.median(confidence)),
         "confident_fraction": float((confidence >= 0.9).mean()),
         "digit_counts": np.bincount(probs.argmax(1), minlength=10).tolist(),
     }
+    if labels is not None:
+        if len(labels) != len(samples):
+            raise ValueError(f"`labels` must have one label per sample ({len(samples)}), got {len(labels)}.")
+        quality["label_accuracy"] = float((probs.argmax(1) == np.asarray(labels)).mean())
+    return quality
