@@ -3,7 +3,6 @@
 import pytest
 import torch
 from conftest import tiny_controlnet_components, tiny_wan_components
-from test_dit import dit_pipeline
 from diffusers import (
     DDIMPipeline,
     DDPMPipeline,
@@ -19,6 +18,7 @@ from diffusers import (
     StableDiffusionXLPipeline,
     WanPipeline,
 )
+from test_dit import dit_pipeline
 
 from pcr_diffusers import load_digits_pipeline
 from pcr_diffusers.pipeline_utils import parent_pipeline_class

@@ -16,6 +16,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 
+from pcr_diffusers import load_guided_digits_pipeline
 from pcr_diffusers.pipelines import PCRAutoPipeline, PCRDiTPipeline
 
 STEPS = 10
@@ -99,3 +100,17 @@ def test_a_scheduler_that_scales_the_input_fails_before_any_model_call(monkeypat
     monkeypatch.setattr(pcr.transformer, "forward", lambda *args, **kwargs: pytest.fail("transformer called"))
     with pytest.raises(ValueError, match="do not scale the model input"):
         sample(pcr)
+
+
+@pytest.mark.parametrize("scheduler, steps", [("ddim", 20), ("ddpm", 40)])
+def test_the_shipped_guided_model_in_parallel_matches_the_parent(scheduler, steps):
+    """On trained weights a guided chain converges in a fraction of its steps (random weights do not show it)."""
+    pipe = load_guided_digits_pipeline(scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pcr = PCRDiTPipeline.from_pipe(pipe)
+    pcr.set_progress_bar_config(disable=True)
+    kwargs = dict(class_labels=[3, 7], guidance_scale=4.0, num_inference_steps=steps, output_type="np")
+    expected = sample(pipe, **kwargs).images
+    out = sample(pcr, **kwargs, parallel=steps)
+    assert out.stats.converged and out.stats.rounds <= steps // 2
+    assert np.abs(out.images - expected).max() <= 1e-3

@@ -1,8 +1,10 @@
-"""Memory-aware windows: the probe measures memory, `parallel="auto"` fits the window to a budget, and sampling
-then stays within it; and half-precision models with float32 solver states."""
+"""Memory- and compute-aware windows: the probe measures memory, `parallel="auto"` fits the window to a budget, and
+sampling then stays within it; timed probe rounds choose among the windows that fit; and half-precision models with
+float32 solver states."""
 
 import copy
 import logging
+import time
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from pcr_diffusers import load_digits_pipeline
 from pcr_diffusers.memory import PeakMemory, memory_budget
 from pcr_diffusers.pipelines import PCRDDIMPipeline, PCRDDPMPipeline
+from pcr_diffusers.sampling import DenoisingChain, fastest_window
+from pcr_diffusers.schedulers import PCRScheduler
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +68,7 @@ def test_a_requested_window_too_large_for_the_budget_is_shrunk(digits):
         generator=torch.Generator().manual_seed(0),
         num_inference_steps=50,
         output_type="np",
-        parallel="auto",
+        parallel=50,
         max_memory="1GB",
     )
     assert plenty.stats.window == 50 and plenty.stats.rounds < out.stats.rounds  # the larger window pays off
@@ -108,3 +112,40 @@ def test_bfloat16_model_with_float32_states(digits):
     out = pipe(generator=torch.Generator().manual_seed(0), tolerance=0.4, **kwargs)
     assert out.stats.converged and out.stats.rounds <= 40
     assert np.abs(out.images - ref).max() <= 1 / 255 + 1e-6
+
+
+def sleeping_chain(fixed: float, per_row: float, num_steps: int = 50):
+    """A chain whose model call takes `fixed + per_row * rows` seconds (and returns zeros)."""
+    scheduler = PCRScheduler.from_scheduler(DDIMScheduler())
+    scheduler.set_timesteps(num_steps)
+
+    def model(x, t):
+        time.sleep(fixed + per_row * len(x))
+        return torch.zeros_like(x)
+
+    return DenoisingChain(model, scheduler)
+
+
+@pytest.mark.parametrize(
+    "fixed, per_row, expected",
+    [(0.03, 0.0, 50), (0.001, 0.004, 4)],
+    ids=["rows-are-free", "rows-cost"],
+)
+def test_the_compute_probe_picks_a_large_window_where_rows_are_free_and_a_small_one_where_they_cost(
+    fixed, per_row, expected
+):
+    chain = sleeping_chain(fixed, per_row)
+    latents = torch.randn(1, 1, 4, 4)
+    tols = torch.full((50,), 1e-3)
+    window, rounds, evaluations, seconds = fastest_window(chain, latents, tols, "identity", largest=50)
+    assert window == expected
+    assert (rounds, evaluations) == (5, 3 * 4 + 2 * 16) and seconds > 0  # warm-up, W=4 and W=16 twice
+
+
+def test_auto_reports_the_probe_in_the_stats(digits):
+    pipe = ddim(digits)
+    kwargs = dict(batch_size=1, num_inference_steps=20, output_type="np")
+    ref = pipe(generator=torch.Generator().manual_seed(0), parallel=1, **kwargs).images
+    out = pipe(generator=torch.Generator().manual_seed(0), parallel="auto", **kwargs)
+    assert out.stats.probe_seconds > 0 and out.stats.converged
+    assert np.abs(out.images - ref).max() <= 1e-3
