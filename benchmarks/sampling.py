@@ -5,6 +5,8 @@ pcr-diffusers with each Jacobian, at the default window and tolerance.
     python benchmarks/sampling.py                  # table + sampling.png + tradeoff.png
     python benchmarks/sampling.py --quick          # DDIM-25, batch 1 only
     python benchmarks/sampling.py --multistep      # the multistep table only (DPM-Solver++, UniPC, PNDM, ...)
+    python benchmarks/sampling.py --targets        # the rounds and wall-clock targets, with pass/fail
+    python benchmarks/sampling.py --guided         # the guided DiT model: ours and Picard against sequential
 
 Columns: rounds (sequential batched model calls), model evaluations (single steps), wall-clock speed-up over the
 sequential pipeline (measured in this run), and the largest difference to the sequential image in [0, 1] pixels.
@@ -278,6 +280,90 @@ def plot_speedups(speedups, out):
     print(f"wrote {out}")
 
 
+# Issue 14's targets on the shipped model, batch 1, default tolerance and Jacobian: (config, window, most rounds)
+ROUND_TARGETS = [("DDPM-1000", 64, 20), ("DDPM-1000", 1000, 8), ("DDIM-100", 100, 6), ("DDIM-50", 50, 5)]
+PARADIGMS_WINDOWS = (8, 16, 32, 64, 128, 256)
+
+
+def fastest(run, repeats=2):
+    """The result of `run()` and its fastest time over `repeats` runs."""
+    results = [timed(run) for _ in range(repeats)]
+    return results[0][0], min(t for _, t in results)
+
+
+def targets(unet, config):
+    """One table of the targets with pass/fail: rounds within `MATCHED_ERROR` of the sequential image; wall-clock
+    of DDPM-1000 with `parallel="auto"` against diffusers' sequential pipeline (batch 1 and 16) and against the
+    ParaDiGMS loop at its fastest window within `MATCHED_ERROR` (batch 1), each the fastest of 2 runs."""
+    rows = []
+    for name, window, most in ROUND_TARGETS:
+        setup = Setup(unet, config, name, batch=1)
+        images, rounds, _ = setup.ours("auto", window)
+        error = np.abs(images - setup.sequential()).max()
+        ok = rounds <= most and error <= MATCHED_ERROR
+        rows.append([f"{name}, window {window}: rounds", f"<= {most}", f"{rounds} (error {error:.0e})", ok])
+    for batch, least in ((1, 6.0), (16, 1.5)):
+        setup = Setup(unet, config, "DDPM-1000", batch)
+        ref, t_seq = fastest(setup.sequential)
+        (images, rounds, _), t = fastest(lambda s=setup: s.ours("auto", "auto"))
+        error = np.abs(images - ref).max()
+        measured = f"{t_seq / t:.1f}x ({rounds} rounds, error {error:.0e})"
+        rows.append([f"DDPM-1000, batch {batch}, parallel='auto', over sequential", f">= {least}x", measured, None])
+        rows[-1][-1] = t_seq / t >= least and error <= MATCHED_ERROR
+        if batch == 1:
+            ours_seconds, paradigms = t, []
+            for window in PARADIGMS_WINDOWS:
+                (images, rounds, _), t = fastest(lambda w=window, s=setup: s.paradigms(w, 0.1))
+                paradigms.append((t, window, rounds, np.abs(images - ref).max()))
+            matched = [p for p in paradigms if p[3] <= MATCHED_ERROR] or paradigms
+            t, window, rounds, error = min(matched)
+            measured = f"ours {t_seq / ours_seconds:.1f}x, ParaDiGMS {t_seq / t:.1f}x (W={window}, error {error:.0e})"
+            rows.append(["DDPM-1000, batch 1: ahead of ParaDiGMS at its best window", "ours faster", measured, None])
+            rows[-1][-1] = ours_seconds < t
+    print(
+        f"\nTargets (shipped model, tolerance {DEFAULT_TOLERANCE}, Jacobian auto, one seed; rounds count only within "
+        f"{MATCHED_ERROR:g} of the sequential image; wall-clock: fastest of 2 runs on {device_name('cpu')})"
+    )
+    print_table(["target", "goal", "measured", "result"], [[*row[:3], "pass" if row[3] else "FAIL"] for row in rows])
+
+
+GUIDED = [("DDIM-50", "ddim", 50), ("DDPM-250", "ddpm", 250)]
+
+
+def guided(windows=(16, None), guidance_scale=4.0, seeds=(0, 1, 2)):
+    """The shipped guided model (class-conditional DiT, `load_guided_digits_pipeline`), CFG 4, one of each digit:
+    rounds against the sequential loop (`DiTPipeline`) for ours and Picard (`jacobian="identity"`, ParaDiGMS'
+    update) at the default tolerance, the largest error over `seeds`."""
+    from pcr_diffusers import load_guided_digits_pipeline
+    from pcr_diffusers.pipelines import PCRDiTPipeline
+
+    rows = []
+    labels = list(range(10))
+    for name, scheduler, steps in GUIDED:
+        pipe = load_guided_digits_pipeline(scheduler)
+        pipe.set_progress_bar_config(disable=True)
+        pcr = PCRDiTPipeline.from_pipe(pipe)
+        pcr.set_progress_bar_config(disable=True)
+
+        def run(pipeline, seed, steps=steps, **kwargs):
+            torch.manual_seed(seed)  # DiTPipeline's scheduler steps draw from the global RNG
+            generator = torch.Generator().manual_seed(seed)
+            kwargs = dict(class_labels=labels, guidance_scale=guidance_scale, num_inference_steps=steps, **kwargs)
+            return pipeline(generator=generator, output_type="np", **kwargs)
+
+        refs = [run(pipe, seed).images for seed in seeds]
+        for window in windows:
+            row = [name, window or steps, steps]
+            for jacobian in ("auto", "identity"):
+                outs = [run(pcr, seed, parallel=window or steps, jacobian=jacobian) for seed in seeds]
+                rounds = "/".join(str(out.stats.rounds) for out in outs)
+                error = max(np.abs(out.images - ref).max() for out, ref in zip(outs, refs, strict=True))
+                row.append(f"{rounds} ({error:.0e})")
+            rows.append(row)
+    print(f"\nGuided digits (DiT, CFG {guidance_scale:g}, batch 10), rounds per seed {seeds} (largest error)")
+    print_table(["sampler", "window", "sequential", "ours", "Picard"], rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
@@ -286,6 +372,8 @@ def main():
     parser.add_argument("--sweep-out", default="tradeoff.png")
     parser.add_argument("--quick", action="store_true", help="DDIM-25 at batch 1, no sweep")
     parser.add_argument("--multistep", action="store_true", help="the multistep table only")
+    parser.add_argument("--targets", action="store_true", help="the targets table only, with pass/fail")
+    parser.add_argument("--guided", action="store_true", help="the guided DiT table only")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe = load_digits_pipeline()
@@ -299,11 +387,19 @@ def main():
     if args.multistep:
         multistep(pipe.unet, pipe.scheduler.config)
         return
+    if args.targets:
+        targets(pipe.unet, pipe.scheduler.config)
+        return
+    if args.guided:
+        guided()
+        return
     speedups = table(pipe.unet, pipe.scheduler.config, args.configs, args.batch)
     plot_speedups(speedups, args.out)
     sweep(pipe.unet, pipe.scheduler.config, args.sweep_out)
     matched_error_timing(pipe.unet, pipe.scheduler.config)
     multistep(pipe.unet, pipe.scheduler.config)
+    guided()
+    targets(pipe.unet, pipe.scheduler.config)
 
 
 if __name__ == "__main__":
