@@ -8,7 +8,7 @@ decoding, output) on a per-call copy of the pipeline, in which the denoiser comp
 
     loop step 0:     denoiser calls                          -> recorded (`ModelCall`), answered with zeros
                      scheduler.step(_, t_0, x_0, **kwargs)   -> solves every step from x_0 at once with the batched
-                                                                model `chain_model(calls, x_0)`; answers x_1
+                                                                model `chain_model(calls, ...)`; answers x_1
     loop step i > 0: denoiser calls                          -> checked against step 0's, answered with zeros
                      scheduler.step(_, t_i, x_i)             -> checks x_i is the answer to step i - 1; answers x_{i+1}
 
