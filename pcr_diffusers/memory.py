@@ -108,6 +108,17 @@ def memory_budget(device: torch.device | str, max_memory: int | str | None) -> i
     return budget
 
 
+def agreed_window(chain, window: int, device) -> int:
+    """The smallest `window` of all processes of a sharded model (every process must slide the same window);
+    `window` itself without sharding."""
+    group = getattr(chain.model_fn, "group", None)
+    if group is None:
+        return window
+    agreed = torch.tensor([window], device=device)
+    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+    return int(agreed)
+
+
 def fit_window(chain, latents: torch.Tensor, requested: int | str, max_memory: int | str | None) -> int:
     """The largest window (at most `requested`, or the chain's length for `"auto"`) whose estimated peak memory
     fits the budget; logs when it shrinks the window. Runs one probe step (one model call, batch B)."""
@@ -119,11 +130,7 @@ def fit_window(chain, latents: torch.Tensor, requested: int | str, max_memory: i
     per_window_step = probe.peak + WINDOW_ARRAYS_PER_STEP * step_bytes
     budget = SAFETY * memory_budget(latents.device, max_memory) - SOLVER_ARRAYS_PER_STEP * num_steps * step_bytes
     window = max(1, min(wanted, int(budget // per_window_step)))
-    group = getattr(chain.model_fn, "group", None)
-    if group is not None:  # every process must slide the same window: take the smallest
-        agreed = torch.tensor([window], device=latents.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-        window = int(agreed)
+    window = agreed_window(chain, window, latents.device)
     if budget < per_window_step:
         logger.warning(
             f"The memory budget ({budget / 2**20:.1f} MiB for the window after the solver's arrays) is below one "

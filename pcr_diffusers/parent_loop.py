@@ -144,6 +144,7 @@ class ParentLoop:
         self.answered = 0  # the loop's steps answered so far
         self.watched = None  # the pipeline's attributes after step 0, by name
         self.stats = None
+        self.step_signature = inspect.signature(type(pipe.scheduler).step)  # to read the loop's step arguments
 
     def stand_in(self) -> None:
         """Puts the stand-ins on the call's pipeline: the denoisers, the scheduler's `step`, the timesteps on the
@@ -215,8 +216,7 @@ class ParentLoop:
         return all(same_value(first.kwargs[key], value) for key, value in call.kwargs.items() if key not in varying)
 
     def scheduler_step(self, model_output, timestep, sample, *args, **kwargs):
-        signature = inspect.signature(type(self.pipe.scheduler).step)
-        bound = signature.bind(self.pipe.scheduler, model_output, timestep, sample, *args, **kwargs)
+        bound = self.step_signature.bind(self.pipe.scheduler, model_output, timestep, sample, *args, **kwargs)
         return_dict = bound.arguments.get("return_dict", True)
         if self.states is None:
             step_kwargs = {
@@ -366,7 +366,10 @@ class PCRParentLoopMixin(PCRPipelineMixin):
         loop.stand_in()
         output = parent.__call__(pipe, *args, **kwargs)
         stats = loop.stats or SamplingStats(rounds=0, model_evaluations=0, converged=True)  # the loop ran no step
-        return pipe.pcr_output(output, stats, return_dict=True)
+        pipe.record_call(stats)  # the parent has freed its hooks
+        if not isinstance(output, tuple):  # the parent's own output, or its own tuple
+            output.stats = stats  # an attribute, not a field: the output unpacks and indexes like the parent's
+        return output
 
     def check_call(self, arguments: dict) -> None:
         """Our checks, before any model call: `num_inference_steps` (None allowed with custom `timesteps` or

@@ -72,25 +72,29 @@ class PCRPipelineMixin:
         return pipe
 
     def pcr_output(self, output: BaseOutput, stats: SamplingStats, return_dict: bool):
-        """Frees the model hooks as the parent does, records `stats` (on the output and `pipeline.stats`), and
-        returns the parent's output, or the parent's tuple (None kept: StableDiffusionPipeline's tuple has
-        `nsfw_content_detected` even when None, which `BaseOutput.to_tuple` would drop)."""
+        """Frees the model hooks as the parent does, records `stats` (`record_call`), and returns the parent's
+        output, or the parent's tuple (None kept: StableDiffusionPipeline's tuple has `nsfw_content_detected` even
+        when None, which `BaseOutput.to_tuple` would drop)."""
         self.maybe_free_model_hooks()
+        self.record_call(stats)
+        if not return_dict:
+            return tuple(getattr(output, name) for name in output.__dataclass_fields__)
+        output.stats = stats  # an attribute, not a field: the output unpacks and indexes like the parent's
+        return output
+
+    def record_call(self, stats: SamplingStats) -> None:
+        """After a call on this copy (`for_call`): copies to the calling pipeline what the parent leaves readable
+        after a call (`num_timesteps`, ...), but the call's own stand-ins, and records `stats` as its
+        `pipeline.stats` in this thread."""
         caller = getattr(self, "_pcr_caller", self)
-        for name, value in vars(self).items():  # what the parent leaves readable after a call (`num_timesteps`, ...)
+        per_call = ("scheduler", "_pcr_caller", "_pcr_per_call", *getattr(self, "_pcr_per_call", ()))
+        for name, value in vars(self).items():
             unchanged = name in vars(caller) and vars(caller)[name] is value  # a None the caller lacks is new too
-            per_call = ("scheduler", "_pcr_caller", "_pcr_per_call", *getattr(self, "_pcr_per_call", ()))
             if name not in per_call and not unchanged:
                 object.__setattr__(caller, name, value)
         if not hasattr(_last_stats, "table"):
             _last_stats.table = weakref.WeakKeyDictionary()
         _last_stats.table[caller] = stats
-        if isinstance(output, tuple):  # the parent's own tuple
-            return output
-        if not return_dict:
-            return tuple(getattr(output, name) for name in output.__dataclass_fields__)
-        output.stats = stats  # an attribute, not a field: the output unpacks and indexes like the parent's
-        return output
 
     @staticmethod
     def check_num_inference_steps(num_inference_steps, custom_schedule: bool = False) -> int | None:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from accelerate.utils import convert_file_size_to_int
 
 from .core import ConstantJacobian, Jacobian, newton_solve, pcr_solve
-from .memory import fit_window
+from .memory import agreed_window, fit_window
 from .schedulers import PCRSchedulerMixin
 from .schedulers.scheduling_pcr import StepHistory
 
@@ -522,22 +522,18 @@ def fastest_window(chain, latents, tols, jacobian, largest: int) -> tuple[int, i
     windows = [PROBE_FACTOR]
     round_seconds(windows[0])  # warm-up
     times = [min(round_seconds(windows[0]) for _ in range(2))]
+    per_step = [times[0] / windows[0] ** p]
     spare = False
     while windows[-1] < largest:
         windows.append(min(largest, windows[-1] * PROBE_FACTOR))
         times.append(min(round_seconds(windows[-1]) for _ in range(2 if len(windows) == 2 else 1)))
+        per_step.append(times[-1] / windows[-1] ** p)
         if len(windows) == 2 and times[1] < SPARE_CAPACITY * times[0]:
             spare = True  # rows are nearly free
             break
-        if times[-1] / windows[-1] ** p > min(t / w**p for w, t in zip(windows, times, strict=True)):
+        if per_step[-1] > min(per_step):
             break
-    per_step = [t / w**p for w, t in zip(windows, times, strict=True)]
-    window = largest if spare else windows[per_step.index(min(per_step))]
-    group = getattr(chain.model_fn, "group", None)
-    if group is not None:  # every process must slide the same window
-        agreed = torch.tensor([window], device=latents.device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-        window = int(agreed)
+    window = agreed_window(chain, largest if spare else windows[per_step.index(min(per_step))], latents.device)
     seconds = time.perf_counter() - begin
     logger.info(f"parallel='auto': window {window} of {windows} (probing took {seconds:.2f} s).")
     rounds = [windows[0]] * 3 + [windows[1]] * 2 + windows[2:]  # the warm-up, the first two twice
