@@ -7,6 +7,8 @@ pcr-diffusers with each Jacobian, at the default window and tolerance.
     python benchmarks/sampling.py --multistep      # the multistep table only (DPM-Solver++, UniPC, PNDM, ...)
     python benchmarks/sampling.py --targets        # the rounds and wall-clock targets, with pass/fail
     python benchmarks/sampling.py --guided         # the guided DiT model: ours and Picard against sequential
+    python benchmarks/sampling.py --bounds         # the round targets against exact Newton (dense Jacobians)
+    python benchmarks/sampling.py --windows 64 256 # parallel="auto" against fixed windows and ParaDiGMS, timed
 
 Columns: rounds (sequential batched model calls), model evaluations (single steps), wall-clock speed-up over the
 sequential pipeline (measured in this run), and the largest difference to the sequential image in [0, 1] pixels.
@@ -47,8 +49,17 @@ from diffusers.utils.torch_utils import randn_tensor
 from paradigms import paradigms_sample
 
 from pcr_diffusers import load_digits_pipeline
+from pcr_diffusers.core import Jacobian, newton_solve
 from pcr_diffusers.pipelines import PCRDDIMPipeline, PCRDDPMPipeline
-from pcr_diffusers.sampling import DEFAULT_PARALLEL, DEFAULT_TOLERANCE
+from pcr_diffusers.sampling import (
+    DEFAULT_PARALLEL,
+    DEFAULT_TOLERANCE,
+    DenoisingChain,
+    denoise_parallel,
+    denoise_sequential,
+    step_tolerances,
+)
+from pcr_diffusers.schedulers import PCRDDIMScheduler, PCRDDPMScheduler
 
 CONFIGS = {  # name: (scheduler class, parallel scheduler class, steps)
     "DDPM-1000": (DDPMScheduler, DDPMParallelScheduler, 1000),
@@ -327,6 +338,89 @@ def targets(unet, config):
     print_table(["target", "goal", "measured", "result"], [[*row[:3], "pass" if row[3] else "FAIL"] for row in rows])
 
 
+class FiniteDifferenceJacobian(Jacobian):
+    """The dense Jacobian of a whole step, the model included, by forward differences: each of a flat state's d
+    values moved by `h`, in the same call (d + 1 rows per step). Newton's method up to O(h), for a small state."""
+
+    structure = "dense"
+
+    def __init__(self, h=1e-3):
+        self.h = h
+
+    def evaluate(self, step, ls, x_prev):  # x_prev (n, d)
+        n, d = x_prev.shape
+        moved = (x_prev.unsqueeze(1) + self.h * torch.eye(d, dtype=x_prev.dtype)).reshape(n * d, d)
+        f_moved = step(ls.repeat_interleave(d), moved).reshape(n, d, d)
+        fx = step(ls, x_prev)  # after the moved rows: the chain's predictor reads the last call
+        return fx, ((f_moved - fx.unsqueeze(1)) / self.h).transpose(1, 2)  # [l, i, j] = d f_i / d x_j
+
+
+def exact_newton_rounds(unet, config, name, window, tolerance, seed=0):
+    """Rounds and error of Newton's method with the steps' dense Jacobians (`FiniteDifferenceJacobian`) under our
+    acceptance rule and predictor, against our default Jacobian; batch 1."""
+    scheduler_class = PCRDDIMScheduler if CONFIGS[name][0] is DDIMScheduler else PCRDDPMScheduler
+
+    def chain_and_latents():
+        scheduler = scheduler_class.from_config(config)
+        scheduler.set_timesteps(CONFIGS[name][2])
+        generator = torch.Generator().manual_seed(seed)
+        latents = randn_tensor((1, 1, 8, 8), generator=generator) * scheduler.init_noise_sigma
+        noise = scheduler.draw_noise(latents.shape, generator=generator)
+        return DenoisingChain(lambda x, t: unet(x, t).sample, scheduler, noise), latents
+
+    chain, latents = chain_and_latents()
+    ref = to_images(denoise_sequential(chain, latents)[0])
+    ours, stats = denoise_parallel(*chain_and_latents(), parallel=window, tolerance=tolerance)
+    chain, latents = chain_and_latents()
+    steps, shape = len(chain), latents.shape
+    result = newton_solve(
+        lambda ls, x: chain(ls, x.reshape(len(ls), *shape)).flatten(1),
+        latents.flatten(),
+        steps,
+        jacobian=FiniteDifferenceJacobian(),
+        tol=step_tolerances(tolerance, chain.scheduler.state_scale(torch.arange(steps))),
+        window=window,
+        extend=lambda ls, x: chain.extend(ls, x.reshape(shape)).flatten(1),
+    )
+    exact = to_images(result.states[-1].reshape(shape))
+    return (stats.rounds, np.abs(to_images(ours) - ref).max()), (result.num_iters, np.abs(exact - ref).max())
+
+
+def bounds(unet, config, looser=100):
+    """The round targets against exact Newton, at the default tolerance and at `looser` times it."""
+    rows = []
+    for name, window, most in ROUND_TARGETS:
+        row = [f"{name}, window {window}", f"<= {most}"]
+        for tolerance in (DEFAULT_TOLERANCE, looser * DEFAULT_TOLERANCE):
+            ours, exact = exact_newton_rounds(unet, config, name, window, tolerance)
+            row += [f"{ours[0]} ({ours[1]:.0e})", f"{exact[0]} ({exact[1]:.0e})"]
+        rows.append(row)
+    print(
+        f"\nRound targets against exact Newton (dense finite-difference Jacobians of the whole step, 65 rows per "
+        f"step; batch 1, seed 0; tolerance {DEFAULT_TOLERANCE:g} and {looser * DEFAULT_TOLERANCE:g}; error in "
+        "[0, 1] pixels)"
+    )
+    tolerances = ("default", f"{looser}x")
+    columns = [f"{who}, {tol}" for tol in tolerances for who in ("ours", "exact Newton")]
+    print_table(["target", "goal", *columns], rows)
+
+
+def windows(unet, config, name, batch, sizes, paradigms_window=64):
+    """Wall-clock of `parallel="auto"` against fixed windows, sequential and ParaDiGMS, side by side in one run."""
+    setup = Setup(unet, config, name, batch)
+    ref, t_seq = fastest(setup.sequential)
+    runs = [("auto", lambda: setup.ours("auto", "auto"))]
+    runs += [(f"window {size}", lambda size=size: setup.ours("auto", size)) for size in sizes]
+    if setup.parallel_class is not None:
+        runs.append((f"ParaDiGMS, window {paradigms_window}", lambda: setup.paradigms(paradigms_window, 0.1)))
+    rows = [["sequential", setup.steps, setup.steps, f"{t_seq:.2f}", "1.0x", 0]]
+    for label, run in runs:
+        (images, rounds, evaluations), t = fastest(run)
+        rows.append([label, rounds, evaluations, f"{t:.2f}", f"{t_seq / t:.1f}x", f"{np.abs(images - ref).max():.0e}"])
+    print(f"\n{name}, batch {batch}, fastest of 2 runs on {device_name('cpu')}")
+    print_table(["method", "rounds", "model evals", "seconds", "speed-up", "max |diff|"], rows)
+
+
 GUIDED = [("DDIM-50", "ddim", 50), ("DDPM-250", "ddpm", 250)]
 
 
@@ -374,6 +468,10 @@ def main():
     parser.add_argument("--multistep", action="store_true", help="the multistep table only")
     parser.add_argument("--targets", action="store_true", help="the targets table only, with pass/fail")
     parser.add_argument("--guided", action="store_true", help="the guided DiT table only")
+    parser.add_argument("--bounds", action="store_true", help="the round targets against exact Newton only")
+    parser.add_argument(
+        "--windows", type=int, nargs="+", help="only time 'auto' against these windows (first config, first batch)"
+    )
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     pipe = load_digits_pipeline()
@@ -392,6 +490,12 @@ def main():
         return
     if args.guided:
         guided()
+        return
+    if args.bounds:
+        bounds(pipe.unet, pipe.scheduler.config)
+        return
+    if args.windows:
+        windows(pipe.unet, pipe.scheduler.config, args.configs[0], args.batch[0], args.windows)
         return
     speedups = table(pipe.unet, pipe.scheduler.config, args.configs, args.batch)
     plot_speedups(speedups, args.out)

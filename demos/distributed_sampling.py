@@ -29,6 +29,7 @@ def main():
     parser.add_argument("--num-images", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tolerance", type=float, default=None, help="default: the pipeline's")
+    parser.add_argument("--parallel", default=None, help="the window, or 'auto'; default: the pipeline's")
     parser.add_argument("--out", default="digits_distributed.png")
     parser.add_argument("--save-array", default=None, help="also save the images as a .npy file (rank 0)")
     args = parser.parse_args()
@@ -46,6 +47,8 @@ def main():
     pipeline_class = PCRDDIMPipeline if args.scheduler == "ddim" else PCRDDPMPipeline
     pipe = pipeline_class.from_pipe(load_digits_pipeline(args.scheduler)).to(device)
     kwargs = {} if args.tolerance is None else {"tolerance": args.tolerance}
+    if args.parallel is not None:
+        kwargs["parallel"] = args.parallel if args.parallel == "auto" else int(args.parallel)
     with torch.inference_mode():
         out = pipe(
             batch_size=args.num_images,
@@ -57,7 +60,7 @@ def main():
     if rank == 0:
         print(
             f"{world_size} process(es): {out.stats.rounds} rounds, {out.stats.model_evaluations} model "
-            f"evaluations, converged={out.stats.converged}"
+            f"evaluations, window {out.stats.window}, converged={out.stats.converged}"
         )
         save_grid(out.images, args.out, scale=4)
         if args.save_array:

@@ -108,15 +108,20 @@ def memory_budget(device: torch.device | str, max_memory: int | str | None) -> i
     return budget
 
 
-def agreed_window(chain, window: int, device) -> int:
-    """The smallest `window` of all processes of a sharded model (every process must slide the same window);
-    `window` itself without sharding."""
+def agreed(chain, value: float, device, op=dist.ReduceOp.MIN) -> float:
+    """`value` reduced with `op` over all processes of a sharded model (every process must slide the same window);
+    `value` itself without sharding."""
     group = getattr(chain.model_fn, "group", None)
     if group is None:
-        return window
-    agreed = torch.tensor([window], device=device)
-    dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
-    return int(agreed)
+        return value
+    agreed = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(agreed, op=op, group=group)
+    return agreed.item()
+
+
+def agreed_window(chain, window: int, device) -> int:
+    """The smallest `window` of all processes of a sharded model; `window` itself without sharding."""
+    return int(agreed(chain, window, device))
 
 
 def fit_window(chain, latents: torch.Tensor, requested: int | str, max_memory: int | str | None) -> int:

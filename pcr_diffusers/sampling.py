@@ -18,7 +18,7 @@ import torch.distributed as dist
 from accelerate.utils import convert_file_size_to_int
 
 from .core import ConstantJacobian, Jacobian, newton_solve, pcr_solve
-from .memory import agreed_window, fit_window
+from .memory import agreed, fit_window
 from .schedulers import PCRSchedulerMixin
 from .schedulers.scheduling_pcr import StepHistory
 
@@ -44,8 +44,8 @@ class SamplingStats:
             scheduler's sample units.
         sequential_steps: steps finished one at a time after `max_rounds` ran out.
         window: the window used (steps per round); 1 for the sequential loop.
-        probe_seconds: the time `parallel="auto"` spent timing probe rounds to choose the window (its rounds and
-            evaluations are counted in `rounds` and `model_evaluations`).
+        probe_seconds: the time of the rounds that `parallel="auto"` timed to choose the window (`FastestWindow`;
+            rounds of the solve, counted in `rounds` like the others).
     """
 
     rounds: int
@@ -475,69 +475,71 @@ class ParallelOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# Accepted steps per round grow about as `W^p` with the window W: on the shipped digits model, DDPM-1000 accepts
-# 3.9, 18.9 and 45.5 steps per round at W = 8, 64 and 256 (p = 0.76, then 0.63).
-STEPS_PER_ROUND_EXPONENT = 0.7
-PROBE_FACTOR = 4  # the probe windows: 4, 16, 64, ...
-# Where 4x the window costs less than this factor in a round's time, the device has capacity to spare (the digits
-# model on 2 CPU cores at batch 1: 1.8x; at batch 16: 2.9x).
-SPARE_CAPACITY = 2.35
+# A window of W steps needs about `EVALUATIONS_PER_STEP * N / W + FULL_WINDOW_ROUNDS` rounds for N steps. On the
+# shipped digits model DDPM-1000 took 53, 33, 22 and 14 rounds at W = 64, 128, 256 and 1000 (2.6 N / W + 11.4 is
+# within 2 of all four).
+EVALUATIONS_PER_STEP = 2.5
+FULL_WINDOW_ROUNDS = 12
+FIRST_PROBE_WINDOW = 8
+PROBE_MARGIN = 1.1  # the probe goes on while a window's prediction is within this factor of the least (timing noise)
 
 
-def fastest_window(chain, latents, tols, jacobian, largest: int) -> tuple[int, int, int, float]:
-    """The window of least predicted wall-clock, at most `largest` (what fits the memory).
+class FastestWindow:
+    """`parallel="auto"`'s window, chosen from the solve's own first rounds: the `window(num_accepted)` callable
+    of `newton_solve`.
 
     A round of W steps takes `t(W)` (its model call grows with the W x batch rows, the rest of the round is a fixed
-    cost) and accepts about `W^p` steps (`STEPS_PER_ROUND_EXPONENT`), so the N steps take about `N t(W) / W^p`.
-    Whole rounds are timed at W = 4 and 16 (the faster of two, after an untimed one). Where the larger costs less than
-    `SPARE_CAPACITY` times the smaller, rows are nearly free (a GPU, or a small model at batch 1) and the window is
-    the largest that fits; else rounds at 64, 256, ... are timed for as long as `t(W) / W^p` falls, and the window
-    is the one with the least (the digits model on 2 CPU cores at batch 16 gets 4 or 16). Returns the window, the
-    probe's rounds and model evaluations, and its seconds. Every process of a sharded model takes the smallest
-    window of them all.
+    cost), and N steps need about `c N / W + R` rounds (`EVALUATIONS_PER_STEP`, `FULL_WINDOW_ROUNDS`), so the solve
+    takes about `t(W) (c N / W + R)`. The first rounds run at windows 8, 16, 32, ... up to `largest` (what fits the
+    memory), two rounds each, the second timed (the first of a new shape pays one-time costs), for as long as that
+    prediction stays within `PROBE_MARGIN` of the least so far; the rest of the solve keeps the window of the least.
+    So a device with rows to spare (a GPU, or a small model at batch 1) gets a large window, and one where every row
+    costs (a CPU at a large batch) a small one. The timed rounds are rounds of the solve and accept steps like any
+    other: the choice costs only their windows' being off the best. The processes of a sharded model agree on each
+    round's time (the slowest one's), and so on every window.
     """
-    if largest <= PROBE_FACTOR:
-        return largest, 0, 0, 0.0  # nothing to choose
-    sync = torch.cuda.synchronize if latents.device.type == "cuda" else (lambda: None)
-    p = STEPS_PER_ROUND_EXPONENT
 
-    def round_seconds(window):  # one whole round: model call, Jacobian, solves, predictor, host read
-        sync()
-        start = time.perf_counter()
-        newton_solve(
-            chain,
-            latents,
-            len(chain),
-            jacobian=diffusion_jacobian(jacobian),
-            tol=tols,
-            max_iters=1,
-            window=window,
-            extend=chain.extend,
-            pad_window=chain.static_shapes,
-        )
-        sync()
-        return time.perf_counter() - start
+    def __init__(self, chain, largest: int, device: torch.device):
+        self.chain, self.device, self.num_steps = chain, device, len(chain)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        windows = [min(FIRST_PROBE_WINDOW, largest)]
+        while windows[-1] < largest:
+            windows.append(min(2 * windows[-1], largest))
+        self.ladder = [window for window in windows for _ in range(2)]  # each twice: warm-up (a new shape), timed
+        self.chosen = largest if largest <= FIRST_PROBE_WINDOW else None
+        self.predicted = {}  # rows of a timed round: the whole solve's predicted seconds at that window
+        self.probe = 0  # the ladder's round running now
+        self.started = self.left = None  # when it started, and the steps that were left then
+        self.seconds = 0.0  # the probe's rounds, warm-ups included
 
-    begin = time.perf_counter()
-    windows = [PROBE_FACTOR]
-    round_seconds(windows[0])  # warm-up
-    times = [min(round_seconds(windows[0]) for _ in range(2))]
-    per_step = [times[0] / windows[0] ** p]
-    spare = False
-    while windows[-1] < largest:
-        windows.append(min(largest, windows[-1] * PROBE_FACTOR))
-        times.append(min(round_seconds(windows[-1]) for _ in range(2 if len(windows) == 2 else 1)))
-        per_step.append(times[-1] / windows[-1] ** p)
-        if len(windows) == 2 and times[1] < SPARE_CAPACITY * times[0]:
-            spare = True  # rows are nearly free
-            break
-        if per_step[-1] > min(per_step):
-            break
-    window = agreed_window(chain, largest if spare else windows[per_step.index(min(per_step))], latents.device)
-    seconds = time.perf_counter() - begin
-    logger.info(f"parallel='auto': window {window} of {windows} (probing took {seconds:.2f} s).")
-    rounds = [windows[0]] * 3 + [windows[1]] * 2 + windows[2:]  # the warm-up, the first two twice
-    return window, len(rounds), sum(rounds), seconds
+    def __call__(self, num_accepted: int) -> int:
+        if self.chosen is not None:
+            return self.chosen
+        self.sync()
+        if self.started is not None:
+            seconds = agreed(self.chain, time.perf_counter() - self.started, self.device, dist.ReduceOp.MAX)
+            self.seconds += seconds
+            rows = min(self.ladder[self.probe], self.left)
+            timed = self.probe % 2 == 1
+            if timed:
+                rounds = EVALUATIONS_PER_STEP * self.num_steps / rows + FULL_WINDOW_ROUNDS
+                self.predicted[rows] = seconds * rounds
+            self.probe += 1
+            rising = timed and self.predicted[rows] > PROBE_MARGIN * min(self.predicted.values())
+            if rising or self.probe == len(self.ladder) or timed and rows == self.left:
+                self.chosen = min(self.predicted, key=self.predicted.get, default=rows)
+                logger.info(
+                    f"parallel='auto': window {self.chosen}; predicted seconds by window: "
+                    + ", ".join(f"{w}: {t:.2f}" for w, t in self.predicted.items())
+                )
+                return self.chosen
+        self.started, self.left = time.perf_counter(), self.num_steps - num_accepted
+        return self.ladder[self.probe]
+
+    @property
+    def current(self) -> int:
+        """The window of the round running now, or of the last one."""
+        return self.ladder[self.probe] if self.chosen is None else self.chosen
 
 
 def denoise_parallel(
@@ -567,8 +569,9 @@ def denoise_parallel(
     Args:
         chain: the denoising chain (model, scheduler after `set_timesteps`, pre-drawn noise).
         latents: the initial latents `(B, C, H, W)`, already scaled by `init_noise_sigma`.
-        parallel: the window size (steps per round), or `"auto"`: the window of least predicted wall-clock
-            (`fastest_window`, from timed probe rounds) among those that fit the memory budget.
+        parallel: the window size (steps per round), or `"auto"`: the window of least predicted wall-clock among
+            those that fit the memory budget, from the solve's first rounds, timed at growing windows
+            (`FastestWindow`).
         tolerance: how far the result may be from the sequential one, relative to the state's size: about the
             largest difference in the final sample (see `step_tolerances`).
         jacobian: `"auto"` (the default: currently `"secant"`, which converged in the fewest rounds in our
@@ -592,10 +595,7 @@ def denoise_parallel(
     window = min(int(fit_window(chain, latents, parallel, max_memory) if probes else parallel), num_steps)
     ls = torch.arange(num_steps, device=latents.device)
     tols = step_tolerances(tolerance, chain.scheduler.state_scale(chain.positions(ls)))
-    probe_evaluations, probe_seconds = probes, 0.0
-    if parallel == "auto":
-        window, rounds, evaluations, probe_seconds = fastest_window(chain, latents, tols, jacobian, window)
-        probes, probe_evaluations = probes + rounds, probe_evaluations + evaluations
+    auto = FastestWindow(chain, window, latents.device) if parallel == "auto" else None
     warn_unreachable_tolerance(tolerance, num_steps, chain.model_dtype or latents.dtype)
 
     def callback(num_iters, num_accepted, residual):
@@ -610,7 +610,7 @@ def denoise_parallel(
         jacobian=diffusion_jacobian(jacobian),
         tol=tols,
         max_iters=max_rounds,
-        window=window,
+        window=window if auto is None else auto,
         extend=chain.extend,
         callback=callback,
         pad_window=chain.static_shapes,
@@ -628,12 +628,12 @@ def denoise_parallel(
                 progress_bar.update(1)
     stats = SamplingStats(
         rounds=probes + result.num_iters + num_steps - done,
-        model_evaluations=probe_evaluations + result.num_evaluations + num_steps - done,
+        model_evaluations=probes + result.num_evaluations + num_steps - done,
         converged=result.converged,
         residuals=result.residuals,
         sequential_steps=num_steps - done,
-        window=window,
-        probe_seconds=probe_seconds,
+        window=window if auto is None else auto.current,
+        probe_seconds=0.0 if auto is None else auto.seconds,
     )
     return (states if keep_states else x), stats
 

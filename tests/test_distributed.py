@@ -78,6 +78,10 @@ def test_two_processes_give_the_single_process_images(tmp_path):
     assert "1 process(es)" in one and "2 process(es)" in two
     # Each process evaluates half of every round's rows; batched float32 kernels may round differently.
     assert np.abs(np.load(tmp_path / "one.npy") - np.load(tmp_path / "two.npy")).max() <= 1e-5
+    # "auto" times rounds at growing windows: the processes agree on every window, or the solve would stop
+    auto = [*launcher, str(DEMO), *ARGS, "--parallel", "auto", "--save-array", "auto.npy", "--out", "auto.png"]
+    assert "2 process(es)" in run(auto, tmp_path, env)
+    assert np.abs(np.load(tmp_path / "one.npy") - np.load(tmp_path / "auto.npy")).max() <= 1e-4
 
 
 def pipeline(name: str, ours: bool, directory: Path, device) -> StableDiffusionPipeline:

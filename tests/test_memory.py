@@ -12,9 +12,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from pcr_diffusers import load_digits_pipeline
+from pcr_diffusers.core import ConstantJacobian
 from pcr_diffusers.memory import PeakMemory, memory_budget
 from pcr_diffusers.pipelines import PCRDDIMPipeline, PCRDDPMPipeline
-from pcr_diffusers.sampling import DenoisingChain, fastest_window
+from pcr_diffusers.sampling import DenoisingChain, denoise_parallel
 from pcr_diffusers.schedulers import PCRScheduler
 
 
@@ -116,7 +117,7 @@ def test_bfloat16_model_with_float32_states(digits):
 
 def sleeping_chain(fixed: float, per_row: float, num_steps: int = 50):
     """A chain whose model call takes `fixed + per_row * rows` seconds (and returns zeros)."""
-    scheduler = PCRScheduler.from_scheduler(DDIMScheduler())
+    scheduler = PCRScheduler.from_scheduler(DDIMScheduler(clip_sample=False))
     scheduler.set_timesteps(num_steps)
 
     def model(x, t):
@@ -127,19 +128,27 @@ def sleeping_chain(fixed: float, per_row: float, num_steps: int = 50):
 
 
 @pytest.mark.parametrize(
-    "fixed, per_row, expected",
-    [(0.03, 0.0, 50), (0.001, 0.004, 4)],
+    "fixed, per_row, largest",
+    [(0.02, 0.0, True), (0.002, 0.004, False)],
     ids=["rows-are-free", "rows-cost"],
 )
-def test_the_compute_probe_picks_a_large_window_where_rows_are_free_and_a_small_one_where_they_cost(
-    fixed, per_row, expected
-):
-    chain = sleeping_chain(fixed, per_row)
-    latents = torch.randn(1, 1, 4, 4)
-    tols = torch.full((50,), 1e-3)
-    window, rounds, evaluations, seconds = fastest_window(chain, latents, tols, "identity", largest=50)
-    assert window == expected
-    assert (rounds, evaluations) == (5, 3 * 4 + 2 * 16) and seconds > 0  # warm-up, W=4 and W=16 twice
+def test_auto_takes_a_large_window_where_rows_are_free_and_a_small_one_where_they_cost(fixed, per_row, largest):
+    """Rows free: every round takes the same time, so the probe climbs the whole ladder (8, 16, 32, 60, two rounds
+    each; the last ones hold only the steps not yet accepted) and keeps the largest. Rows cost: window 16 predicts
+    `(0.002 + 0.064) (150 / 16 + 12)` = 1.4 s against 1.2 s at 8, beyond the margin, so the probe stops there (or
+    at 32, after a slow round at 8) and keeps 8. (`J = 0` at a tight tolerance accepts one step per round, which
+    leaves the probe enough rounds.)"""
+    chain = sleeping_chain(fixed, per_row, num_steps=60)
+    latents = torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    sizes = []
+    model_fn = chain.model_fn
+    chain.model_fn = lambda x, t: sizes.append(len(x)) or model_fn(x, t)
+    _, stats = denoise_parallel(chain, latents, parallel="auto", jacobian=ConstantJacobian(0.0), tolerance=1e-10)
+    ladder = [8, 8, 16, 16, 32, 32, 60, 60] if largest else [8, 8, 16, 16]
+    probe = sizes[1 : 1 + len(ladder)]  # after the memory probe's one row
+    assert [min(a, b) for a, b in zip(probe, ladder, strict=True)] == probe  # the ladder, short of the chain's end
+    assert stats.converged and stats.window == (probe[-1] if largest else 8) and sizes[-1] <= stats.window
+    assert stats.rounds == len(sizes) and stats.probe_seconds >= (len(ladder) - 1) * fixed
 
 
 def test_auto_reports_the_probe_in_the_stats(digits):

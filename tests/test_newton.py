@@ -170,6 +170,33 @@ def test_bad_input_is_refused_with_clear_errors():
         newton_solve(step, x0, 5, jacobian=SecantJacobian(dims=(3,)))
 
 
+def test_a_window_chosen_each_iteration_reaches_the_same_states_and_is_called_with_the_accepted_steps():
+    L = 101
+    step, x0 = residual_chain(L)
+    constant = newton_solve(step, x0, L, jacobian="secant", tol=1e-10, window=7)
+    asked, sizes = [], []
+
+    def recording(ls, x_prev):
+        sizes.append(len(ls))
+        return step(ls, x_prev)
+
+    def window(num_accepted):
+        asked.append(num_accepted)
+        return 7
+
+    same = newton_solve(recording, x0, L, jacobian="secant", tol=1e-10, window=window)
+    assert same.num_iters == constant.num_iters and same.num_accepted == L
+    torch.testing.assert_close(same.states, constant.states, rtol=0, atol=0)
+    assert asked[0] == 0 and asked == sorted(asked) and len(asked) == same.num_iters
+
+    sizes.clear()
+    growing = newton_solve(recording, x0, L, jacobian="secant", tol=1e-10, window=lambda done: 1 + done % 13)
+    assert growing.converged and len(set(sizes)) > 3
+    torch.testing.assert_close(growing.states, sequential(step, x0, L), rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="window"):
+        newton_solve(step, x0, L, window=lambda done: 0)
+
+
 def test_extend_predicts_the_steps_entering_the_window():
     L = 60
     step, x0 = residual_chain(L)

@@ -59,7 +59,7 @@ def newton_solve(
     tol: "float | torch.Tensor | None" = None,
     max_iters: int | None = None,
     init: torch.Tensor | None = None,
-    window: int | None = None,
+    window: "int | Callable[[int], int] | None" = None,
     extend: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     callback: Callable | None = None,
     pad_window: bool = False,
@@ -104,7 +104,9 @@ def newton_solve(
             the state's dtype.
         max_iters: the most iterations; default `num_steps`.
         init: the initial guess for all states, `(num_steps, *state)`; default `x0` everywhere.
-        window: how many steps each iteration evaluates (a sliding window, as in ParaDiGMS); default all.
+        window: how many steps each iteration evaluates (a sliding window, as in ParaDiGMS); default all. A callable
+            `window(num_accepted) -> int` chooses it before every iteration, from the steps accepted so far (e.g. to
+            time iterations at several windows and keep the fastest).
         extend: `extend(ls, x_last) -> (len(ls), *state)`, the guess for steps `ls` as they enter the window, given
             the last state before them (a cheap predictor, such as a diffusion sampler's rollout with the model
             output held fixed). Default: the `init` values, or without `init` the last state repeated (ParaDiGMS).
@@ -125,7 +127,8 @@ def newton_solve(
         raise TypeError(f"`x0` must be a floating torch.Tensor, got {getattr(x0, 'dtype', type(x0).__name__)}.")
     _check_int("num_steps", num_steps)
     _check_int("max_iters", max_iters, allow_none=True)
-    _check_int("window", window, allow_none=True)
+    if not callable(window):
+        _check_int("window", window, allow_none=True)
     tols = _per_step_tolerance(tol, num_steps, x0)
     if init is not None:
         if not isinstance(init, torch.Tensor) or init.shape != (num_steps, *x0.shape):
@@ -137,25 +140,33 @@ def newton_solve(
     jac = make_jacobian(jacobian)
     jac.reset(num_steps, x0)
     max_iters = num_steps if max_iters is None else int(max_iters)
-    window = num_steps if window is None else min(int(window), num_steps)
+    window_of = window if callable(window) else (lambda num_accepted: num_steps if window is None else window)
 
     states = (x0.expand(num_steps, *x0.shape) if init is None else init).clone()  # (L, *state)
     start, num_iters, num_evaluations, residuals = 0, 0, 0, []
+    horizon = None  # the states up to here hold guesses: `init`, or the first window's, or `extend`'s
     with torch.no_grad():
         while start < num_steps and num_iters < max_iters:
-            end = min(start + window, num_steps)
+            size = window_of(start)
+            _check_int("window", size)
+            end = min(start + size, num_steps)
             ls = torch.arange(start, end, device=x0.device)
+            if horizon is not None and end > horizon and extend is not None:
+                states[horizon:end] = extend(torch.arange(horizon, end, device=x0.device), states[horizon - 1])
+            elif horizon is not None and end > horizon and init is None:
+                states[horizon:end] = states[horizon - 1]
+            horizon = end if horizon is None else max(horizon, end)
             first = x0 if start == 0 else states[start - 1]
             x_prev = torch.cat([first.unsqueeze(0), states[start : end - 1]])  # (n, *state)
-            if pad_window and end - start < window:
-                pad = window - (end - start)
+            if pad_window and end - start < size:
+                pad = size - (end - start)
                 ls_padded = torch.cat([ls, ls[-1:].expand(pad)])
-                x_padded = torch.cat([x_prev, x_prev[-1:].expand(pad, *x0.shape)])  # (window, *state)
+                x_padded = torch.cat([x_prev, x_prev[-1:].expand(pad, *x0.shape)])  # (size, *state)
                 fx, A = (value[: end - start] for value in jac.evaluate(step, ls_padded, x_padded))
             else:
                 fx, A = jac.evaluate(step, ls, x_prev)
             num_iters += 1
-            num_evaluations += window if pad_window else end - start
+            num_evaluations += size if pad_window else end - start
             r = fx - states[start:end]  # (n, *state), each step's residual at the input it was evaluated at
             step_residuals = r.reshape(end - start, -1).abs().amax(1)  # (n,)
             # The leading steps within tolerance keep their states, so their inputs, and with them their
@@ -175,13 +186,7 @@ def newton_solve(
                 start += int(k)  # these steps were accepted on finite residuals; the rest is left as it was
                 break
             states[start:end] = torch.where(is_k, fx, states[start:end] + update)
-            new_start = min(start + int(k) + 1, end)
-            new_end = min(new_start + window, num_steps)
-            if new_end > end and extend is not None:
-                states[end:new_end] = extend(torch.arange(end, new_end, device=x0.device), states[end - 1])
-            elif new_end > end and init is None:
-                states[end:new_end] = states[end - 1]
-            start = new_start
+            start = min(start + int(k) + 1, end)
             if callback is not None:
                 callback(num_iters=num_iters, num_accepted=start, residual=residuals[-1])
     return SolveResult(
