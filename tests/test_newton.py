@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pcr_diffusers import SolveResult, newton_solve
 from pcr_diffusers.core import SecantJacobian
@@ -195,6 +197,23 @@ def test_a_window_chosen_each_iteration_reaches_the_same_states_and_is_called_wi
     torch.testing.assert_close(growing.states, sequential(step, x0, L), rtol=0, atol=1e-8)
     with pytest.raises(ValueError, match="window"):
         newton_solve(step, x0, L, window=lambda done: 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    L=st.integers(1, 40),
+    sizes=st.lists(st.integers(1, 50), min_size=1, max_size=6),
+    jacobian=st.sampled_from(["identity", "secant", "exact"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_any_sequence_of_windows_gives_the_sequential_states(L, sizes, jacobian, dtype):
+    """Whatever windows a callable asks for, round after round, each accepted state is within its tolerance."""
+    step, x0 = residual_chain(L, dtype=dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    out = newton_solve(step, x0, L, jacobian=jacobian, tol=tol, window=lambda done: sizes[done % len(sizes)])
+    assert out.converged and out.num_iters <= L
+    ref = sequential(step, x0, L)
+    torch.testing.assert_close(out.states, ref, rtol=0, atol=2 * L * tol)
 
 
 def test_extend_predicts_the_steps_entering_the_window():
