@@ -114,9 +114,9 @@ def agreed(chain, value: float, device, op=dist.ReduceOp.MIN) -> float:
     group = getattr(chain.model_fn, "group", None)
     if group is None:
         return value
-    agreed = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(agreed, op=op, group=group)
-    return agreed.item()
+    reduced = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(reduced, op=op, group=group)
+    return reduced.item()
 
 
 def agreed_window(chain, window: int, device) -> int:

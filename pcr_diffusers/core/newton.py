@@ -151,10 +151,11 @@ def newton_solve(
             _check_int("window", size)
             end = min(start + size, num_steps)
             ls = torch.arange(start, end, device=x0.device)
-            if horizon is not None and end > horizon and extend is not None:
-                states[horizon:end] = extend(torch.arange(horizon, end, device=x0.device), states[horizon - 1])
-            elif horizon is not None and end > horizon and init is None:
-                states[horizon:end] = states[horizon - 1]
+            if horizon is not None and end > horizon:  # steps entering the window for the first time
+                if extend is not None:
+                    states[horizon:end] = extend(torch.arange(horizon, end, device=x0.device), states[horizon - 1])
+                elif init is None:
+                    states[horizon:end] = states[horizon - 1]
             horizon = end if horizon is None else max(horizon, end)
             first = x0 if start == 0 else states[start - 1]
             x_prev = torch.cat([first.unsqueeze(0), states[start : end - 1]])  # (n, *state)
