@@ -128,17 +128,19 @@ def sleeping_chain(fixed: float, per_row: float, num_steps: int = 50):
 
 
 @pytest.mark.parametrize(
-    "fixed, per_row, largest",
-    [(0.02, 0.0, True), (0.002, 0.004, False)],
+    "fixed, per_row, num_steps, largest",
+    [(0.02, 0.0, 60, True), (0.002, 0.01, 30, False)],
     ids=["rows-are-free", "rows-cost"],
 )
-def test_auto_takes_a_large_window_where_rows_are_free_and_a_small_one_where_they_cost(fixed, per_row, largest):
+def test_auto_takes_a_large_window_where_rows_are_free_and_a_small_one_where_they_cost(
+    fixed, per_row, num_steps, largest
+):
     """Rows free: every round takes the same time, so the probe climbs the whole ladder (8, 16, 32, 60, two rounds
-    each; the last ones hold only the steps not yet accepted) and keeps the largest. Rows cost: window 16 predicts
-    `(0.002 + 0.064) (150 / 16 + 12)` = 1.4 s against 1.2 s at 8, beyond the margin, so the probe stops there (or
-    at 32, after a slow round at 8) and keeps 8. (`J = 0` at a tight tolerance accepts one step per round, which
-    leaves the probe enough rounds.)"""
-    chain = sleeping_chain(fixed, per_row, num_steps=60)
+    each; the last ones hold only the steps not yet accepted) and keeps the largest. Rows cost (30 steps): window 16
+    predicts `(0.002 + 0.16) (75 / 16 + 12)` = 2.7 s against `0.082 (75 / 8 + 12)` = 1.75 s at 8, beyond the
+    margin, so the probe stops there and keeps 8; a round at 8 would have to run 40 ms slow to change that.
+    (`J = 0` at a tight tolerance accepts one step per round, which leaves the probe enough rounds.)"""
+    chain = sleeping_chain(fixed, per_row, num_steps=num_steps)
     latents = torch.randn(1, 1, 4, 4, dtype=torch.float64)
     sizes = []
     model_fn = chain.model_fn
